@@ -1,0 +1,2 @@
+//! TOML configuration: raw struct -> validated `Config` (errors name file, key and reason).
+#![forbid(unsafe_code)]

@@ -1,0 +1,61 @@
+//! What the NBD server serves: any type implementing [`Backend`], looked up by name through an
+//! [`ExportRegistry`]. Backend calls are blocking (file I/O and crypto); the server runs them off
+//! the reactor threads.
+
+use std::io;
+use std::sync::Arc;
+
+/// One allocation extent for `base:allocation` block status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Never written or trimmed: reads as zeros (reported as HOLE|ZERO).
+    pub hole: bool,
+}
+
+/// A block device the server can export. Offsets and lengths are already validated against
+/// `size()` by the server: `offset + len <= size()` always holds on entry.
+pub trait Backend: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Preferred I/O size (the volume's sector size): 512 or 4096.
+    fn preferred_block_size(&self) -> u32;
+    /// Fills `buf` with the bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `offset`; with `fua`, durable before returning.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+    /// Every write that returned before this call is durable when it returns.
+    fn flush(&self) -> io::Result<()>;
+    /// The range reads as zeros afterwards and frees space where possible.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
+    /// The range reads as zeros afterwards; `may_trim` (no NO_HOLE flag) allows punching holes.
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()>;
+    /// Allocation extents covering at least the first byte of `[offset, offset+len)`, in order.
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+}
+
+/// An export as listed by `NBD_OPT_LIST`.
+#[derive(Debug, Clone)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: String,
+}
+
+/// An opened export, held by one NBD connection for its lifetime. Dropping it tells the
+/// registry that the connection is gone (the daemon counts clients per volume).
+pub struct OpenExport {
+    pub backend: Arc<dyn Backend>,
+    pub read_only: bool,
+    /// Becomes `true` when the export is force-detached: the session stops taking requests,
+    /// finishes those in flight and closes.
+    pub detached: tokio::sync::watch::Receiver<bool>,
+    /// Dropped with the connection.
+    pub guard: Box<dyn Send + Sync>,
+}
+
+/// The set of exports the server offers: the daemon's attached volumes, or a fixed map in tests.
+pub trait ExportRegistry: Send + Sync + 'static {
+    fn list(&self) -> Vec<ExportInfo>;
+    /// `None` when no export of that name is attached.
+    fn open(&self, name: &str) -> Option<OpenExport>;
+}
