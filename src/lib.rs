@@ -9,6 +9,7 @@
 //! only `server` touches sockets, `daemon` joins the parts, `cli` is a client of `api`.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;

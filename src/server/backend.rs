@@ -22,8 +22,9 @@ pub trait Backend: Send + Sync + 'static {
     fn preferred_block_size(&self) -> u32;
     /// Fills `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Writes `data` at `offset`; with `fua`, durable before returning.
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+    /// Writes `data` at `offset`; with `fua`, durable before returning. The buffer is the
+    /// server's own: the backend may clobber it (encrypt in place) to save a copy.
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> io::Result<()>;
     /// Every write that returned before this call is durable when it returns.
     fn flush(&self) -> io::Result<()>;
     /// The range reads as zeros afterwards and frees space where possible.

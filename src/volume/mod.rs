@@ -29,6 +29,8 @@
 //!     pub fn size(&self) -> u64;   pub fn sector_size(&self) -> u32;
 //!     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError>;
 //!     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError>;
+//!     /// Same, but may encrypt `data` in place (no copy for whole aligned units).
+//!     pub fn write_mut(&self, offset: u64, data: &mut [u8]) -> Result<(), VolumeError>;
 //!     pub fn flush(&self) -> Result<(), VolumeError>;   // fdatasync
 //!     pub fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError>;
 //!     pub fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool) -> Result<(), VolumeError>;
