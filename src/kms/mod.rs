@@ -15,6 +15,7 @@ pub mod envelope;
 mod root;
 mod secret;
 mod store;
+pub use store::atomic_write;
 pub mod wrap;
 
 use std::path::Path;
