@@ -2,5 +2,5 @@
 //! reply encoding. Never awaits, never touches a socket.
 #![forbid(unsafe_code)]
 
-pub mod consts;
 pub mod client;
+pub mod consts;
