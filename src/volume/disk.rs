@@ -411,7 +411,7 @@ fn write_copies(store: &dyn BlockStore, header: &VolumeHeader) -> Result<(), Vol
 
 /// Rewrites the header with generation + 1. When copy A is the only valid one, B is brought
 /// up first, so that at every moment at least one valid copy exists.
-pub(crate) fn rewrite_header(
+pub fn rewrite_header(
     store: &dyn BlockStore,
     header: &VolumeHeader,
 ) -> Result<VolumeHeader, VolumeError> {
