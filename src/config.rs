@@ -1,2 +1,259 @@
-//! TOML configuration: raw struct -> validated `Config` (errors name file, key and reason).
+//! TOML configuration: raw struct (serde, unknown keys refused) -> validated [`Config`].
+//! Every error names the file, the key and the reason.
 #![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    state_dir: PathBuf,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    nbd: RawNbd,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    kms: RawKms,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
+    group: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNbd {
+    unix_socket: Option<PathBuf>,
+    tcp: Option<String>,
+    #[serde(default)]
+    insecure_plaintext: bool,
+    max_connections: Option<usize>,
+    max_connections_per_export: Option<usize>,
+    handshake_timeout_secs: Option<u64>,
+    max_in_flight: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKms {
+    root_key_file: Option<PathBuf>,
+    root_key_credential: Option<String>,
+    min_pending_days: Option<u32>,
+    max_pending_days: Option<u32>,
+}
+
+/// Where the root key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootKeySource {
+    File(PathBuf),
+    Credential(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub control_group: Option<String>,
+    pub nbd_unix_socket: PathBuf,
+    pub nbd_tcp: Option<SocketAddr>,
+    pub insecure_plaintext: bool,
+    pub max_connections: usize,
+    pub max_connections_per_export: usize,
+    pub handshake_timeout: Duration,
+    pub max_in_flight: usize,
+    pub tls: Option<TlsFiles>,
+    pub root_key: RootKeySource,
+    pub min_pending_days: u32,
+    pub max_pending_days: u32,
+}
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/cryptvol/control.sock";
+pub const DEFAULT_NBD_SOCKET: &str = "/run/cryptvol/nbd.sock";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: path.display().to_string(),
+            key: key.into(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err("-", e.to_string()))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: path.display().to_string(),
+            key: key.into(),
+            reason,
+        };
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            // toml names the key and line; keep its message on one line.
+            let msg = e.message().to_owned();
+            let at = e.span().map(|s| {
+                let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}")
+            });
+            err(at.as_deref().unwrap_or("-"), msg)
+        })?;
+        if !raw.state_dir.is_absolute() {
+            return Err(err("state_dir", "must be an absolute path".into()));
+        }
+        let nbd_tcp = match &raw.nbd.tcp {
+            None => None,
+            Some(s) => Some(
+                s.parse::<SocketAddr>()
+                    .map_err(|e| err("nbd.tcp", format!("{s:?}: {e}")))?,
+            ),
+        };
+        if let Some(addr) = nbd_tcp
+            && !addr.ip().is_loopback()
+            && raw.tls.is_none()
+            && !raw.nbd.insecure_plaintext
+        {
+            {
+                return Err(err(
+                    "nbd.tcp",
+                    format!(
+                        "{addr} is not loopback: configure [tls] or set nbd.insecure_plaintext = true"
+                    ),
+                ));
+            }
+        }
+        let root_key = match (&raw.kms.root_key_file, &raw.kms.root_key_credential) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "kms",
+                    "set root_key_file or root_key_credential, not both".into(),
+                ));
+            }
+            (Some(f), None) => RootKeySource::File(f.clone()),
+            (None, Some(c)) => RootKeySource::Credential(c.clone()),
+            (None, None) => RootKeySource::File(raw.state_dir.join("root.key")),
+        };
+        let min = raw.kms.min_pending_days.unwrap_or(7);
+        let max = raw.kms.max_pending_days.unwrap_or(1096);
+        if min > max {
+            return Err(err(
+                "kms.min_pending_days",
+                format!("{min} exceeds max_pending_days {max}"),
+            ));
+        }
+        let positive = |key: &str, v: Option<usize>, d: usize| match v {
+            Some(0) => Err(err(key, "must be at least 1".into())),
+            Some(n) => Ok(n),
+            None => Ok(d),
+        };
+        let hs = raw.nbd.handshake_timeout_secs.unwrap_or(10);
+        if hs == 0 {
+            return Err(err(
+                "nbd.handshake_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            control_socket: raw
+                .control
+                .socket
+                .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+            control_group: raw.control.group,
+            nbd_unix_socket: raw
+                .nbd
+                .unix_socket
+                .unwrap_or_else(|| DEFAULT_NBD_SOCKET.into()),
+            nbd_tcp,
+            insecure_plaintext: raw.nbd.insecure_plaintext,
+            max_connections: positive("nbd.max_connections", raw.nbd.max_connections, 1024)?,
+            max_connections_per_export: positive(
+                "nbd.max_connections_per_export",
+                raw.nbd.max_connections_per_export,
+                64,
+            )?,
+            handshake_timeout: Duration::from_secs(hs),
+            max_in_flight: positive("nbd.max_in_flight", raw.nbd.max_in_flight, 64)?,
+            tls: raw.tls.map(|t| TlsFiles {
+                cert: t.cert,
+                key: t.key,
+                client_ca: t.client_ca,
+            }),
+            root_key,
+            min_pending_days: min,
+            max_pending_days: max,
+            state_dir: raw.state_dir,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/cryptvol.toml"), t)
+    }
+
+    #[test]
+    fn minimal_and_defaults() {
+        let c = parse("state_dir = \"/var/lib/cryptvol\"\n").unwrap();
+        assert_eq!(c.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(
+            c.root_key,
+            RootKeySource::File("/var/lib/cryptvol/root.key".into())
+        );
+    }
+
+    #[test]
+    fn errors_name_file_key_reason() {
+        let e = parse("state_dir = \"/x\"\n[nbd]\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/cryptvol.toml: line 3") && e.contains("bogus"),
+            "{e}"
+        );
+        let e = parse("state_dir = \"/x\"\n[nbd]\ntcp = \"0.0.0.0:10809\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.tcp") && e.contains("tls"), "{e}");
+        let e = parse("state_dir = \"rel\"\n").unwrap_err().to_string();
+        assert!(e.contains("state_dir"), "{e}");
+        assert!(
+            parse("state_dir = \"/x\"\n[nbd]\ntcp = \"0.0.0.0:1\"\ninsecure_plaintext = true\n")
+                .is_ok()
+        );
+    }
+}

@@ -1,9 +1,543 @@
-//! The `cryptvol` command line: clap commands, a thin client of the control API.
-//! The only part that uses `anyhow` and decides process exit codes.
+//! The `cryptvol` command line: clap commands, a thin client of the control API (no rule is
+//! implemented twice). The only part that uses `anyhow` and decides process exit codes.
 
+mod client;
+mod output;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::config::{Config, DEFAULT_CONTROL_SOCKET};
+
+#[derive(Parser)]
+#[command(
+    name = "cryptvol",
+    version,
+    about = "Encrypted virtual disks over NBD, with a local key manager"
+)]
+struct Cli {
+    /// Control socket of the daemon (default: from --config, else /run/cryptvol/control.sock)
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Daemon configuration file (TOML)
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Machine output: one JSON document on stdout
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the state dir (0700) and a random 256-bit root key (0600)
+    Init {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Run the daemon in the foreground (systemd Type=notify)
+    Serve,
+    /// Temp state dir, a key, a 1 GiB volume, attached and served: the newcomer's command
+    Demo,
+    /// Customer master keys (CMKs)
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Data keys (envelope encryption)
+    #[command(subcommand)]
+    Datakey(DatakeyCmd),
+    /// Envelope encryption of files
+    #[command(subcommand)]
+    Envelope(EnvelopeCmd),
+    /// Encrypted volumes
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// The audit log
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// NBD load generator
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// create-key; prints key_id
+    Create {
+        #[arg(long)]
+        alias: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List,
+    Describe {
+        key: String,
+    },
+    Enable {
+        key: String,
+    },
+    Disable {
+        key: String,
+    },
+    /// New key version; old versions keep decrypting
+    Rotate {
+        key: String,
+    },
+    ScheduleDeletion {
+        key: String,
+        #[arg(long)]
+        pending_days: u32,
+    },
+    CancelDeletion {
+        key: String,
+    },
+}
+
+#[derive(Args)]
+struct DatakeyOpts {
+    #[arg(long)]
+    key: String,
+    /// Length in bits
+    #[arg(long, default_value_t = 512)]
+    length: u32,
+    /// Encryption context entry K=V (repeatable)
+    #[arg(long = "context", value_parser = parse_kv)]
+    context: Vec<(String, String)>,
+}
+
+#[derive(Subcommand)]
+enum DatakeyCmd {
+    Create(DatakeyOpts),
+    CreateWithoutPlaintext(DatakeyOpts),
+    Encrypt {
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        plain_text: String,
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+    },
+    Decrypt {
+        #[arg(long)]
+        cipher_text: String,
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnvelopeCmd {
+    Encrypt {
+        #[arg(long)]
+        key: String,
+        input: PathBuf,
+        output: PathBuf,
+    },
+    Decrypt {
+        input: PathBuf,
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        size: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 4096)]
+        sector_size: u32,
+    },
+    Import {
+        name: String,
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    List,
+    Inspect {
+        name: String,
+    },
+    Attach {
+        name: String,
+        #[arg(long)]
+        read_only: bool,
+    },
+    Detach {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Grow only, while detached
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// Re-wrap the DEK under the key's newest version
+    Rewrap {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Walk the hash chain; report the first broken record
+    Verify,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not K=V"))
+}
+
+fn ctx(kv: &[(String, String)]) -> Value {
+    Value::Object(
+        kv.iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    )
+}
+
 pub fn main() -> ExitCode {
-    eprintln!("cryptvol: not yet: the daemon is being built");
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            if json {
+                println!("{}", json!({"error": {"error_msg": msg}}));
+            }
+            eprintln!("cryptvol: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    // Under systemd, stderr goes to the journal; no key byte is ever logged.
+    let filter = EnvFilter::try_from_env("CRYPTVOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn socket_path(cli: &Cli) -> Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    if let Some(c) = &cli.config {
+        return Ok(Config::load(c)?.control_socket);
+    }
+    Ok(PathBuf::from(DEFAULT_CONTROL_SOCKET))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match &cli.cmd {
+        Cmd::Init { state_dir } => {
+            let key = crate::daemon::init_state_dir(state_dir)?;
+            output::print(
+                cli.json,
+                &json!({"state_dir": state_dir, "root_key_file": key}),
+                |_| {
+                    format!(
+                        "initialised {} (root key {})",
+                        state_dir.display(),
+                        key.display()
+                    )
+                },
+            );
+            Ok(())
+        }
+        Cmd::Serve => {
+            let path = cli
+                .config
+                .as_ref()
+                .ok_or_else(|| anyhow!("serve needs --config FILE"))?;
+            let cfg = Config::load(path)?;
+            init_logging();
+            runtime()?
+                .block_on(crate::daemon::serve(cfg))
+                .map_err(|e| anyhow!(e))
+        }
+        Cmd::Demo => {
+            init_logging();
+            runtime()?
+                .block_on(crate::daemon::demo())
+                .map_err(|e| anyhow!(e))
+        }
+        Cmd::Bench(args) => crate::bench::run(args.clone(), cli.json).map_err(|e| anyhow!(e)),
+        _ => {
+            let sock = socket_path(&cli)?;
+            runtime()?.block_on(client_command(&cli, &sock))
+        }
+    }
+}
+
+async fn kms(sock: &Path, op: &str, body: Value) -> Result<Value> {
+    client::call(sock, "POST", &format!("/v1/kms/{op}"), Some(body)).await
+}
+
+async fn client_command(cli: &Cli, sock: &Path) -> Result<()> {
+    let j = cli.json;
+    match &cli.cmd {
+        Cmd::Key(k) => {
+            let v = match k {
+                KeyCmd::Create { alias, description } => {
+                    kms(
+                        sock,
+                        "create-key",
+                        json!({"key_alias": alias, "key_description": description}),
+                    )
+                    .await?
+                }
+                KeyCmd::List => kms(sock, "list-keys", json!({})).await?,
+                KeyCmd::Describe { key } => {
+                    kms(sock, "describe-key", json!({"key_id": key})).await?
+                }
+                KeyCmd::Enable { key } => kms(sock, "enable-key", json!({"key_id": key})).await?,
+                KeyCmd::Disable { key } => kms(sock, "disable-key", json!({"key_id": key})).await?,
+                KeyCmd::Rotate { key } => kms(sock, "rotate-key", json!({"key_id": key})).await?,
+                KeyCmd::ScheduleDeletion { key, pending_days } => {
+                    kms(
+                        sock,
+                        "schedule-key-deletion",
+                        json!({"key_id": key, "pending_days": pending_days.to_string()}),
+                    )
+                    .await?
+                }
+                KeyCmd::CancelDeletion { key } => {
+                    kms(sock, "cancel-key-deletion", json!({"key_id": key})).await?
+                }
+            };
+            match k {
+                KeyCmd::Create { .. } => {
+                    output::print(j, &v, |v| output::s(&v["key_info"]["key_id"]))
+                }
+                KeyCmd::List => {
+                    output::print(j, &v, |v| output::key_table(v["key_details"].as_array()))
+                }
+                _ if v.get("key_info").is_some() => {
+                    output::print(j, &v, |v| output::fields(&v["key_info"]))
+                }
+                _ => output::print(j, &v, output::fields),
+            }
+        }
+        Cmd::Datakey(d) => {
+            let v = match d {
+                DatakeyCmd::Create(o) => {
+                    kms(sock, "create-datakey", json!({"key_id": o.key, "datakey_length": o.length.to_string(), "encryption_context": ctx(&o.context)})).await?
+                }
+                DatakeyCmd::CreateWithoutPlaintext(o) => {
+                    kms(sock, "create-datakey-without-plaintext", json!({"key_id": o.key, "datakey_length": o.length.to_string(), "encryption_context": ctx(&o.context)})).await?
+                }
+                DatakeyCmd::Encrypt { key, plain_text, context } => {
+                    kms(sock, "encrypt-datakey", json!({"key_id": key, "plain_text": plain_text, "encryption_context": ctx(context)})).await?
+                }
+                DatakeyCmd::Decrypt { cipher_text, context } => {
+                    kms(sock, "decrypt-datakey", json!({"cipher_text": cipher_text, "encryption_context": ctx(context)})).await?
+                }
+            };
+            output::print(j, &v, output::fields);
+        }
+        Cmd::Envelope(e) => envelope(sock, j, e).await?,
+        Cmd::Volume(v) => volume(sock, j, v).await?,
+        Cmd::Audit(AuditCmd::Verify) => {
+            let v = client::call(sock, "GET", "/v1/audit/verify", None).await?;
+            output::print(j, &v, |v| {
+                if v["ok"].as_bool() == Some(true) {
+                    format!("audit log intact: {} records", v["records"])
+                } else {
+                    format!(
+                        "audit log BROKEN at line {}: {}",
+                        v["broken_line"],
+                        output::s(&v["reason"])
+                    )
+                }
+            });
+            if v["ok"].as_bool() != Some(true) {
+                bail!("audit chain broken at line {}", v["broken_line"]);
+            }
+        }
+        Cmd::Init { .. } | Cmd::Serve | Cmd::Demo | Cmd::Bench(_) => unreachable!("handled in run"),
+    }
+    Ok(())
+}
+
+async fn envelope(sock: &Path, j: bool, e: &EnvelopeCmd) -> Result<()> {
+    use crate::kms::envelope;
+    let purpose = json!({envelope::CONTEXT_KEY: envelope::CONTEXT_VALUE});
+    match e {
+        EnvelopeCmd::Encrypt {
+            key,
+            input,
+            output: out,
+        } => {
+            let v = kms(
+                sock,
+                "create-datakey",
+                json!({"key_id": key, "datakey_length": "256", "encryption_context": purpose}),
+            )
+            .await?;
+            let dek = zeroize::Zeroizing::new(hex::decode(output::s(&v["plain_text"]))?);
+            let wrapped = hex::decode(output::s(&v["cipher_text"]))?;
+            let r = std::io::BufReader::new(
+                std::fs::File::open(input).with_context(|| input.display().to_string())?,
+            );
+            let w = std::io::BufWriter::new(
+                std::fs::File::create(out).with_context(|| out.display().to_string())?,
+            );
+            let n = envelope::encrypt(&dek, &wrapped, r, w)?;
+            output::print(
+                j,
+                &json!({"bytes": n, "key_id": v["key_id"], "output": out}),
+                |_| format!("encrypted {n} bytes into {}", out.display()),
+            );
+        }
+        EnvelopeCmd::Decrypt { input, output: out } => {
+            let mut r = std::io::BufReader::new(
+                std::fs::File::open(input).with_context(|| input.display().to_string())?,
+            );
+            let (header, wrapped) = envelope::read_header(&mut r)?;
+            let v = kms(
+                sock,
+                "decrypt-datakey",
+                json!({"cipher_text": hex::encode(&wrapped), "encryption_context": purpose}),
+            )
+            .await?;
+            let dek = zeroize::Zeroizing::new(hex::decode(output::s(&v["data_key"]))?);
+            // Decrypt into a temp file and rename: a tampered input leaves no partial output.
+            let tmp = out.with_extension("partial");
+            let w = std::io::BufWriter::new(
+                std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?,
+            );
+            match envelope::decrypt(&dek, &header, r, w) {
+                Ok(n) => {
+                    std::fs::rename(&tmp, out)?;
+                    output::print(j, &json!({"bytes": n, "output": out}), |_| {
+                        format!("decrypted {n} bytes into {}", out.display())
+                    });
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn size_arg(s: &str) -> Result<u64> {
+    crate::daemon::parse_size(s)
+        .ok_or_else(|| anyhow!("size {s:?}: use bytes or a suffix K, M, G, T"))
+}
+
+async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
+    let path = |name: &str, action: &str| format!("/v1/volumes/{name}/{action}");
+    let info = match v {
+        VolumeCmd::Create { name, size, key, sector_size } => {
+            client::call(sock, "POST", "/v1/volumes", Some(json!({"name": name, "size": size_arg(size)?.to_string(), "key_id": key, "sector_size": sector_size.to_string()}))).await?
+        }
+        VolumeCmd::Import { name, from, key } => import(sock, name, from, key.as_deref()).await?,
+        VolumeCmd::List => {
+            let l = client::call(sock, "GET", "/v1/volumes", None).await?;
+            output::print(j, &l, |l| output::volume_table(l["volumes"].as_array()));
+            return Ok(());
+        }
+        VolumeCmd::Inspect { name } => client::call(sock, "GET", &format!("/v1/volumes/{name}"), None).await?,
+        VolumeCmd::Attach { name, read_only } => {
+            client::call(sock, "POST", &path(name, "attach"), Some(json!({"read_only": read_only}))).await?
+        }
+        VolumeCmd::Detach { name, force } => {
+            client::call(sock, "POST", &path(name, "detach"), Some(json!({"force": force}))).await?
+        }
+        VolumeCmd::Resize { name, size } => {
+            client::call(sock, "POST", &path(name, "resize"), Some(json!({"size": size_arg(size)?.to_string()}))).await?
+        }
+        VolumeCmd::Rewrap { name } => client::call(sock, "POST", &path(name, "rewrap"), Some(json!({}))).await?,
+        VolumeCmd::Delete { name } => {
+            let r = client::call(sock, "DELETE", &format!("/v1/volumes/{name}"), None).await?;
+            output::print(j, &r, |_| format!("deleted {name}"));
+            return Ok(());
+        }
+    };
+    output::print(j, &info, output::fields);
+    Ok(())
+}
+
+/// Streams an image to the daemon, with a progress bar on a TTY.
+async fn import(sock: &Path, name: &str, from: &Path, key: Option<&str>) -> Result<Value> {
+    use std::io::{IsTerminal, Read};
+    let mut f = std::fs::File::open(from).with_context(|| from.display().to_string())?;
+    let size = f.metadata()?.len();
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(size);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let b2 = bar.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Some(b) = &b2 {
+                        b.inc(n as u64);
+                    }
+                    if tx
+                        .blocking_send(Ok(bytes::Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    let mut q = format!("/v1/volumes/{name}/import?size={size}");
+    if let Some(k) = key {
+        q.push_str(&format!("&key_id={k}"));
+    }
+    let r = client::call_stream(sock, &q, rx).await;
+    let _ = reader.join();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    r
 }

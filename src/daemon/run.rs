@@ -1,0 +1,339 @@
+//! Lifecycle: config -> lock the state dir -> key store -> restore attachments -> listeners ->
+//! READY=1; SIGTERM/SIGINT -> stop accepting, finish in-flight requests, flush, zeroize, exit.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{Daemon, DaemonError};
+use crate::api::{self, Access};
+use crate::config::{Config, RootKeySource};
+use crate::kms::{Caller, Kms, KmsConfig, RootKey};
+use crate::server::{self, Listener, ServerConfig};
+
+/// `cryptvol init`: the state dir (0700) and a random root key (0600); refuses to overwrite.
+pub fn init_state_dir(dir: &Path) -> Result<PathBuf, DaemonError> {
+    let key = dir.join("root.key");
+    if key.exists() {
+        return Err(DaemonError::Conflict(format!(
+            "{} already exists; refusing to overwrite it",
+            key.display()
+        )));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    RootKey::generate_file(&key)?;
+    Ok(key)
+}
+
+/// systemd's notify protocol: a datagram to $NOTIFY_SOCKET (a few lines; no crate needed).
+fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let r = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+fn bind_unix(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // A stale socket from a previous run (we hold the state-dir lock, so it is not live).
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+fn tls_config(cfg: &Config) -> anyhow_free::Result<Option<Arc<rustls::ServerConfig>>> {
+    anyhow_free::tls(cfg)
+}
+
+/// A running daemon (serve and demo).
+pub struct Running {
+    pub daemon: Arc<Daemon>,
+    shutdown: watch::Sender<bool>,
+    nbd: tokio::task::JoinHandle<std::io::Result<()>>,
+    api: tokio::task::JoinHandle<()>,
+    _lock: std::fs::File,
+}
+
+impl Running {
+    /// Opens the state and starts listening (READY=1 after this).
+    pub async fn start(cfg: &Config) -> Result<Running, String> {
+        let lock_path = cfg.state_dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(format!(
+                    "state dir {} is in use by another cryptvol daemon",
+                    cfg.state_dir.display()
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(format!("{}: {e}", lock_path.display()));
+            }
+        }
+        let root = match &cfg.root_key {
+            RootKeySource::File(p) => RootKey::load_file(p),
+            RootKeySource::Credential(n) => RootKey::load_credential(n),
+        }
+        .map_err(|e| e.to_string())?;
+        let kms = Kms::open(
+            &cfg.state_dir.join("kms"),
+            root,
+            KmsConfig {
+                min_pending_days: cfg.min_pending_days,
+                max_pending_days: cfg.max_pending_days,
+            },
+        )
+        .map_err(|e| format!("key store: {e}"))?;
+        let daemon = Arc::new(
+            Daemon::new(&cfg.state_dir, kms, cfg.max_connections_per_export)
+                .map_err(|e| e.to_string())?,
+        );
+        let d = daemon.clone();
+        tokio::task::spawn_blocking(move || d.restore())
+            .await
+            .map_err(|e| e.to_string())?;
+
+        let (shutdown, rx) = watch::channel(false);
+        let mut listeners = vec![Listener::Unix(
+            bind_unix(&cfg.nbd_unix_socket, 0o660)
+                .map_err(|e| format!("{}: {e}", cfg.nbd_unix_socket.display()))?,
+        )];
+        if let Some(addr) = cfg.nbd_tcp {
+            if !addr.ip().is_loopback() && cfg.tls.is_none() {
+                tracing::warn!(%addr, "NBD over plaintext TCP on a non-loopback address (insecure_plaintext = true)");
+            }
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("nbd.tcp {addr}: {e}"))?;
+            listeners.push(Listener::Tcp(l));
+        }
+        let scfg = ServerConfig {
+            max_connections: cfg.max_connections,
+            handshake_timeout: cfg.handshake_timeout,
+            max_in_flight: cfg.max_in_flight,
+            tls: tls_config(cfg).map_err(|e| format!("{}: tls: {e}", cfg.path.display()))?,
+            require_tls_on_tcp: true,
+        };
+        let registry: Arc<dyn crate::server::ExportRegistry> = daemon.exports.clone();
+        let nbd = tokio::spawn(server::serve(listeners, registry, scfg, rx.clone()));
+
+        let control = bind_unix(&cfg.control_socket, 0o660)
+            .map_err(|e| format!("{}: {e}", cfg.control_socket.display()))?;
+        let group =
+            match &cfg.control_group {
+                Some(g) => Some(api::group_gid(g).ok_or_else(|| {
+                    format!("{}: control.group: no group {g:?}", cfg.path.display())
+                })?),
+                None => None,
+            };
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(&cfg.control_socket, None, Some(gid))
+                .map_err(|e| format!("{}: {e}", cfg.control_socket.display()))?;
+        }
+        let access = Access {
+            daemon_uid: current_uid(),
+            group,
+        };
+        let api = tokio::spawn(api::serve(control, daemon.clone(), access, rx));
+        Ok(Running {
+            daemon,
+            shutdown,
+            nbd,
+            api,
+            _lock: lock,
+        })
+    }
+
+    /// Stops accepting, lets sessions finish in-flight requests, flushes, drops keys.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.api.await;
+        let _ = self.nbd.await;
+        let d = self.daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            d.flush_all();
+            d.detach_all_in_memory();
+        })
+        .await;
+    }
+}
+
+fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // The uid owning /proc/self is the process's effective uid.
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// `cryptvol serve --config FILE`: runs until SIGTERM/SIGINT.
+pub async fn serve(cfg: Config) -> Result<(), String> {
+    super::sys::set_non_dumpable().map_err(|e| format!("prctl(PR_SET_DUMPABLE): {e}"))?;
+    if super::sys::is_dumpable() {
+        return Err(
+            "refusing to run: the process is dumpable (keys could reach a core dump)".into(),
+        );
+    }
+    let running = Running::start(&cfg).await?;
+    let attached = running.daemon.exports.all().len();
+    tracing::info!(nbd = %cfg.nbd_unix_socket.display(), control = %cfg.control_socket.display(), attached, "cryptvol ready");
+    sd_notify(&format!(
+        "READY=1\nSTATUS=serving {attached} attached volume(s)"
+    ));
+    wait_for_signal().await;
+    sd_notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests");
+    tracing::info!("stopping");
+    running.stop().await;
+    Ok(())
+}
+
+/// `cryptvol demo`: a temp state dir, a key, a 1 GiB volume, attached and served.
+pub async fn demo() -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("cryptvol-demo-{}", std::process::id()));
+    let state = dir.join("state");
+    init_state_dir(&state).map_err(|e| e.to_string())?;
+    let nbd = dir.join("nbd.sock");
+    let control = dir.join("control.sock");
+    let cfg_path = dir.join("cryptvol.toml");
+    let text = format!(
+        "state_dir = {:?}\n[control]\nsocket = {:?}\n[nbd]\nunix_socket = {:?}\n",
+        state.display().to_string(),
+        control.display().to_string(),
+        nbd.display().to_string()
+    );
+    std::fs::write(&cfg_path, &text).map_err(|e| e.to_string())?;
+    let cfg = Config::load(&cfg_path).map_err(|e| e.to_string())?;
+    let running = Running::start(&cfg).await?;
+    let d = running.daemon.clone();
+    let c = Caller {
+        uid: current_uid(),
+        pid: std::process::id() as i32,
+    };
+    let info = tokio::task::spawn_blocking(move || -> Result<super::VolumeInfo, DaemonError> {
+        d.kms
+            .create_key(&c, "demo-key", "cryptvol demo master key")?;
+        d.create_volume(&c, "demo", 1 << 30, 4096, Some("demo-key"))?;
+        d.attach(&c, "demo", false)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let sock = nbd.display();
+    let uri = format!("nbd+unix:///demo?socket={sock}");
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "cryptvol".into());
+    println!(
+        "cryptvol demo: volume \"demo\" ({} bytes, {}, key {} v{}) is attached.",
+        info.size, info.cipher, info.key_id, info.key_version
+    );
+    println!("  NBD URI:        {uri}");
+    println!("  state dir:      {}", state.display());
+    println!();
+    println!("Try, in another terminal:");
+    println!("  nbdinfo '{uri}'");
+    println!("  qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'read -P 0x5a 0 1M' '{uri}'");
+    println!("  mkdir -p /tmp/demo-fuse && nbdfuse /tmp/demo-fuse/disk '{uri}' &");
+    println!(
+        "  nbd-client -unix {sock} /dev/nbd0 -N demo -b 4096    # needs the nbd kernel module"
+    );
+    println!("  {exe} --socket {} volume inspect demo", control.display());
+    println!("  {exe} bench '{uri}' --rw randread --bs 4k --time 5");
+    println!();
+    println!("Ctrl-C stops the demo and removes {}.", dir.display());
+    sd_notify("READY=1");
+    wait_for_signal().await;
+    running.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("demo stopped, {} removed", dir.display());
+    Ok(())
+}
+
+/// TLS configuration from PEM files (rustls), without anyhow (library code).
+mod anyhow_free {
+    use std::sync::Arc;
+
+    use crate::config::Config;
+
+    pub type Result<T> = std::result::Result<T, String>;
+
+    pub fn tls(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>> {
+        let Some(t) = &cfg.tls else { return Ok(None) };
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let certs: Vec<_> = rustls_pemfile::certs(&mut &read(&t.cert)?[..])
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| format!("{}: {e}", t.cert.display()))?;
+        let key = rustls_pemfile::private_key(&mut &read(&t.key)?[..])
+            .map_err(|e| format!("{}: {e}", t.key.display()))?
+            .ok_or_else(|| format!("{}: no private key", t.key.display()))?;
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+        let builder = match &t.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_pemfile::certs(&mut &read(ca)?[..]) {
+                    roots
+                        .add(c.map_err(|e| format!("{}: {e}", ca.display()))?)
+                        .map_err(|e| e.to_string())?;
+                }
+                let v = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                builder.with_client_cert_verifier(v)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Some(Arc::new(
+            builder
+                .with_single_cert(certs, key)
+                .map_err(|e| format!("certificate: {e}"))?,
+        )))
+    }
+}

@@ -1,0 +1,20 @@
+//! The process hardening calls std lacks.
+#![allow(unsafe_code)]
+
+/// Marks the process non-dumpable: no core dumps (which would hold keys), no ptrace by
+/// same-uid processes.
+pub fn set_non_dumpable() -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) only reads its integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether the process is dumpable (tests and the start-up check).
+pub fn is_dumpable() -> bool {
+    // SAFETY: prctl(PR_GET_DUMPABLE) takes no pointers.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
+}

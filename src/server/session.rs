@@ -1,0 +1,636 @@
+//! One NBD connection: handshake, then transmission with a reader loop and a writer task so
+//! replies go out in completion order.
+//!
+//! ```text
+//!  socket ─▶ reader: header ─▶ validate ─▶ payload ─▶ spawn_blocking(backend) ─┐
+//!                                                                               ▼
+//!  socket ◀─ writer task ◀──────────── mpsc of encoded replies ◀───────────────┘
+//! ```
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::ServerConfig;
+use super::backend::{Backend, ExportRegistry, OpenExport};
+use crate::nbd::DecodeError;
+use crate::nbd::consts::*;
+use crate::nbd::handshake::{self, OPTION_HEADER_LEN};
+use crate::nbd::transmission::{self as tx, Command, ExportLimits, REQUEST_HEADER_LEN};
+
+/// Any byte stream a session runs over (Unix, TCP, or TLS on either).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub type BoxStream = Box<dyn Stream>;
+
+/// What the handshake ended with.
+enum Outcome {
+    /// Enter transmission on this export.
+    Go {
+        export: OpenExport,
+        name: String,
+        structured: bool,
+        meta_allocation: bool,
+    },
+    /// The client asked for TLS: upgrade the stream and negotiate again from scratch.
+    StartTls,
+    /// Client aborted or the connection should close.
+    Close,
+}
+
+/// The per-connection facts the handshake needs.
+pub struct Peer {
+    pub tcp: bool,
+    pub tls_active: bool,
+}
+
+const BASE_ALLOCATION_ID: u32 = 1;
+
+pub async fn run(
+    mut stream: BoxStream,
+    registry: Arc<dyn ExportRegistry>,
+    cfg: Arc<ServerConfig>,
+    mut peer: Peer,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    stream.write_all(&handshake::greeting()).await?;
+    let mut flags = [0u8; 4];
+    tokio::time::timeout(cfg.handshake_timeout, stream.read_exact(&mut flags))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+    let client = handshake::parse_client_flags(&flags).map_err(invalid)?;
+    let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+    loop {
+        let outcome = tokio::time::timeout_at(
+            deadline,
+            negotiate(&mut stream, &*registry, &cfg, &peer, client.no_zeroes),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        match outcome {
+            Outcome::Close => return Ok(()),
+            Outcome::StartTls => {
+                let acceptor = match &cfg.tls {
+                    Some(tls) => tokio_rustls::TlsAcceptor::from(tls.clone()),
+                    None => unreachable!("STARTTLS is only accepted when TLS is configured"),
+                };
+                let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??;
+                stream = Box::new(tls);
+                peer.tls_active = true;
+            }
+            Outcome::Go {
+                export,
+                name,
+                structured,
+                meta_allocation,
+            } => {
+                tracing::debug!(export = %name, structured, "transmission");
+                return transmission(stream, export, structured, meta_allocation, cfg, shutdown)
+                    .await;
+            }
+        }
+    }
+}
+
+fn invalid(e: DecodeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+fn transmission_flags(export: &OpenExport, structured: bool) -> u16 {
+    let mut f = NBD_FLAG_HAS_FLAGS
+        | NBD_FLAG_SEND_FLUSH
+        | NBD_FLAG_SEND_FUA
+        | NBD_FLAG_SEND_TRIM
+        | NBD_FLAG_SEND_WRITE_ZEROES
+        | NBD_FLAG_SEND_FAST_ZERO
+        | NBD_FLAG_SEND_CACHE
+        | NBD_FLAG_CAN_MULTI_CONN;
+    if structured {
+        f |= NBD_FLAG_SEND_DF;
+    }
+    if export.read_only {
+        f |= NBD_FLAG_READ_ONLY;
+    }
+    f
+}
+
+/// Resolves a name; the empty name (kernel client without -N) means the only export, if one.
+fn open_export(registry: &dyn ExportRegistry, name: &str) -> Option<(OpenExport, String)> {
+    if name.is_empty() {
+        let list = registry.list();
+        if list.len() == 1 {
+            let n = list[0].name.clone();
+            return registry.open(&n).map(|e| (e, n));
+        }
+        return None;
+    }
+    registry.open(name).map(|e| (e, name.to_owned()))
+}
+
+/// One round of option haggling, until GO/EXPORT_NAME, STARTTLS, ABORT or a fatal error.
+async fn negotiate(
+    s: &mut BoxStream,
+    registry: &dyn ExportRegistry,
+    cfg: &ServerConfig,
+    peer: &Peer,
+    no_zeroes: bool,
+) -> io::Result<Outcome> {
+    let mut structured = false;
+    let mut meta_allocation = false;
+    let tls_required = peer.tcp && cfg.require_tls_on_tcp && cfg.tls.is_some() && !peer.tls_active;
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
+        match s.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Close),
+            Err(e) => return Err(e),
+        }
+        let h = handshake::parse_option_header(&hdr).map_err(invalid)?;
+        let mut data = vec![0u8; h.length as usize];
+        s.read_exact(&mut data).await?;
+        let mut out = Vec::new();
+        let opt = h.option;
+        if tls_required && !matches!(opt, NBD_OPT_STARTTLS | NBD_OPT_ABORT) {
+            if opt == NBD_OPT_EXPORT_NAME {
+                return Ok(Outcome::Close);
+            }
+            handshake::encode_option_reply(&mut out, opt, NBD_REP_ERR_TLS_REQD, b"TLS required");
+            s.write_all(&out).await?;
+            continue;
+        }
+        match opt {
+            NBD_OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some((export, name)) = open_export(registry, &name) else {
+                    return Ok(Outcome::Close);
+                };
+                let flags = transmission_flags(&export, false);
+                handshake::encode_export_name_reply(
+                    &mut out,
+                    export.backend.size(),
+                    flags,
+                    no_zeroes,
+                );
+                s.write_all(&out).await?;
+                return Ok(Outcome::Go {
+                    export,
+                    name,
+                    structured: false,
+                    meta_allocation: false,
+                });
+            }
+            NBD_OPT_GO | NBD_OPT_INFO => {
+                let req = match handshake::parse_info_request(&data) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        handshake::encode_option_reply(
+                            &mut out,
+                            opt,
+                            NBD_REP_ERR_INVALID,
+                            b"malformed request",
+                        );
+                        s.write_all(&out).await?;
+                        continue;
+                    }
+                };
+                let Some((export, name)) = open_export(registry, &req.name) else {
+                    handshake::encode_option_reply(
+                        &mut out,
+                        opt,
+                        NBD_REP_ERR_UNKNOWN,
+                        b"no such export",
+                    );
+                    s.write_all(&out).await?;
+                    continue;
+                };
+                let b = &export.backend;
+                for r in &req.requests {
+                    match *r {
+                        NBD_INFO_NAME => {
+                            handshake::encode_info_text(&mut out, opt, NBD_INFO_NAME, &name)
+                        }
+                        NBD_INFO_DESCRIPTION => {
+                            let d = registry
+                                .list()
+                                .into_iter()
+                                .find(|e| e.name == name)
+                                .map(|e| e.description);
+                            handshake::encode_info_text(
+                                &mut out,
+                                opt,
+                                NBD_INFO_DESCRIPTION,
+                                &d.unwrap_or_default(),
+                            )
+                        }
+                        NBD_INFO_BLOCK_SIZE => handshake::encode_info_block_size(
+                            &mut out,
+                            opt,
+                            1,
+                            b.preferred_block_size(),
+                            MAX_PAYLOAD,
+                        ),
+                        _ => {}
+                    }
+                }
+                handshake::encode_info_export(
+                    &mut out,
+                    opt,
+                    b.size(),
+                    transmission_flags(&export, structured),
+                );
+                handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
+                s.write_all(&out).await?;
+                if opt == NBD_OPT_GO {
+                    return Ok(Outcome::Go {
+                        export,
+                        name,
+                        structured,
+                        meta_allocation,
+                    });
+                }
+            }
+            NBD_OPT_LIST => {
+                if !data.is_empty() {
+                    handshake::encode_option_reply(
+                        &mut out,
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        b"LIST takes no data",
+                    );
+                } else {
+                    for e in registry.list() {
+                        handshake::encode_server(&mut out, &e.name, &e.description);
+                    }
+                    handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
+                }
+                s.write_all(&out).await?;
+            }
+            NBD_OPT_ABORT => {
+                handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
+                // The client may already have closed: a failed ACK is not an error.
+                let _ = s.write_all(&out).await;
+                return Ok(Outcome::Close);
+            }
+            NBD_OPT_STARTTLS => {
+                let (reply, upgrade): (u32, bool) = if !data.is_empty() {
+                    (NBD_REP_ERR_INVALID, false)
+                } else if cfg.tls.is_none() {
+                    (NBD_REP_ERR_POLICY, false)
+                } else if peer.tls_active {
+                    (NBD_REP_ERR_INVALID, false)
+                } else {
+                    (NBD_REP_ACK, true)
+                };
+                handshake::encode_option_reply(&mut out, opt, reply, &[]);
+                s.write_all(&out).await?;
+                if upgrade {
+                    return Ok(Outcome::StartTls);
+                }
+            }
+            NBD_OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    structured = true;
+                    handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
+                } else {
+                    handshake::encode_option_reply(
+                        &mut out,
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        b"takes no data",
+                    );
+                }
+                s.write_all(&out).await?;
+            }
+            NBD_OPT_SET_META_CONTEXT | NBD_OPT_LIST_META_CONTEXT => {
+                let set = opt == NBD_OPT_SET_META_CONTEXT;
+                match handshake::parse_meta_context_request(&data) {
+                    _ if !structured => handshake::encode_option_reply(
+                        &mut out,
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        b"structured replies first",
+                    ),
+                    Err(_) => handshake::encode_option_reply(
+                        &mut out,
+                        opt,
+                        NBD_REP_ERR_INVALID,
+                        b"malformed request",
+                    ),
+                    Ok(req) if open_export(registry, &req.export).is_none() => {
+                        handshake::encode_option_reply(
+                            &mut out,
+                            opt,
+                            NBD_REP_ERR_UNKNOWN,
+                            b"no such export",
+                        )
+                    }
+                    Ok(req) => {
+                        let matches = if req.queries.is_empty() {
+                            !set
+                        } else {
+                            req.queries
+                                .iter()
+                                .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
+                        };
+                        if set {
+                            meta_allocation = matches;
+                        }
+                        if matches {
+                            handshake::encode_meta_context(
+                                &mut out,
+                                opt,
+                                BASE_ALLOCATION_ID,
+                                BASE_ALLOCATION,
+                            );
+                        }
+                        handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
+                    }
+                }
+                s.write_all(&out).await?;
+            }
+            _ => {
+                handshake::encode_option_reply(
+                    &mut out,
+                    opt,
+                    NBD_REP_ERR_UNSUP,
+                    b"option not supported",
+                );
+                s.write_all(&out).await?;
+            }
+        }
+    }
+}
+
+/// A reply ready for the wire: a small header part and an optional data part.
+struct Reply {
+    head: Vec<u8>,
+    data: Option<Vec<u8>>,
+}
+
+fn nbd_errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => NBD_EPERM,
+        Some(libc::ENOMEM) => NBD_ENOMEM,
+        Some(libc::EINVAL) => NBD_EINVAL,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => NBD_ENOSPC,
+        Some(libc::EOVERFLOW) => NBD_EOVERFLOW,
+        Some(libc::ENOTSUP) => NBD_ENOTSUP,
+        _ => NBD_EIO,
+    }
+}
+
+fn error_reply(cookie: u64, errno: u32, structured: bool, msg: &str) -> Reply {
+    let mut head = Vec::with_capacity(32);
+    if structured {
+        tx::error_chunk(&mut head, cookie, errno, msg);
+    } else {
+        head.extend_from_slice(&tx::simple_reply(cookie, errno));
+    }
+    Reply { head, data: None }
+}
+
+fn ok_reply(cookie: u64, structured: bool) -> Reply {
+    let mut head = Vec::with_capacity(20);
+    if structured {
+        tx::done_chunk(&mut head, cookie);
+    } else {
+        head.extend_from_slice(&tx::simple_reply(cookie, 0));
+    }
+    Reply { head, data: None }
+}
+
+/// Runs one validated command against the backend (blocking: called off the reactor).
+fn execute(
+    backend: &dyn Backend,
+    cmd: Command,
+    cookie: u64,
+    payload: Vec<u8>,
+    structured: bool,
+) -> Reply {
+    let fail = |e: io::Error| error_reply(cookie, nbd_errno(&e), structured, &e.to_string());
+    match cmd {
+        Command::Read { offset, length, .. } => {
+            let mut buf = vec![0u8; length as usize];
+            match backend.read(offset, &mut buf) {
+                Ok(()) if structured && length > 0 => Reply {
+                    head: tx::offset_data_header(cookie, true, offset, length).to_vec(),
+                    data: Some(buf),
+                },
+                Ok(()) if structured => ok_reply(cookie, true),
+                Ok(()) => Reply {
+                    head: tx::simple_reply(cookie, 0).to_vec(),
+                    data: Some(buf),
+                },
+                Err(e) => fail(e),
+            }
+        }
+        Command::Write { offset, fua, .. } => {
+            let mut payload = payload;
+            match backend.write(offset, &mut payload, fua) {
+                Ok(()) => ok_reply(cookie, structured),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Flush => match backend.flush() {
+            Ok(()) => ok_reply(cookie, structured),
+            Err(e) => fail(e),
+        },
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => match backend.trim(offset, u64::from(length), fua) {
+            Ok(()) => ok_reply(cookie, structured),
+            Err(e) => fail(e),
+        },
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            if fast && no_hole {
+                // Allocating zeros costs as much as a write: not fast.
+                return error_reply(cookie, NBD_ENOTSUP, structured, "fast zero needs a hole");
+            }
+            match backend.write_zeroes(offset, u64::from(length), !no_hole, fua) {
+                Ok(()) => ok_reply(cookie, structured),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Cache { .. } => ok_reply(cookie, structured),
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+        } => match backend.extents(offset, u64::from(length)) {
+            Ok(extents) => {
+                let mut descs: Vec<(u32, u32)> = Vec::new();
+                let mut covered = 0u64;
+                for e in extents {
+                    if covered >= u64::from(length) {
+                        break;
+                    }
+                    let l = e.length.min(u64::from(length) - covered) as u32;
+                    let f = if e.hole {
+                        NBD_STATE_HOLE | NBD_STATE_ZERO
+                    } else {
+                        0
+                    };
+                    descs.push((l, f));
+                    covered += u64::from(l);
+                    if req_one {
+                        break;
+                    }
+                }
+                if descs.is_empty() {
+                    descs.push((length, 0));
+                }
+                let mut head = Vec::with_capacity(24 + 8 * descs.len());
+                tx::block_status_chunk(&mut head, cookie, BASE_ALLOCATION_ID, &descs);
+                Reply { head, data: None }
+            }
+            Err(e) => fail(e),
+        },
+        Command::Disconnect => unreachable!("DISC is handled by the reader"),
+    }
+}
+
+async fn transmission(
+    stream: BoxStream,
+    export: OpenExport,
+    structured: bool,
+    meta_allocation: bool,
+    cfg: Arc<ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(cfg.max_in_flight.max(1));
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::with_capacity(64 * 1024, wr);
+        while let Some(r) = reply_rx.recv().await {
+            w.write_all(&r.head).await?;
+            if let Some(d) = &r.data {
+                w.write_all(d).await?;
+            }
+            // Batch whatever else is ready into the same flush.
+            while let Ok(r) = reply_rx.try_recv() {
+                w.write_all(&r.head).await?;
+                if let Some(d) = &r.data {
+                    w.write_all(d).await?;
+                }
+            }
+            w.flush().await?;
+        }
+        w.flush().await?;
+        w.shutdown().await.ok();
+        Ok::<(), io::Error>(())
+    });
+    let backend = export.backend.clone();
+    let lim = ExportLimits {
+        size: backend.size(),
+        read_only: export.read_only,
+        structured,
+        meta_allocation,
+    };
+    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+    let mut detached = export.detached.clone();
+    let result = loop {
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        let read = tokio::select! {
+            r = rd.read_exact(&mut hdr) => r,
+            _ = wait_true(&mut detached) => break Ok(()),
+            _ = wait_true(&mut shutdown) => break Ok(()),
+        };
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        let h = match tx::parse_request_header(&hdr) {
+            Ok(h) => h,
+            // Bad magic: the stream is out of sync; nothing sensible can follow.
+            Err(e) => break Err(invalid(e)),
+        };
+        let cmd = match tx::validate(&h, &lim) {
+            Ok(c) => c,
+            Err(rej) => {
+                if rej.skip_payload > 0 {
+                    // Skip the payload we refuse, to stay in sync, without buffering it.
+                    let mut sink = tokio::io::sink();
+                    let copied = tokio::io::copy(
+                        &mut (&mut rd).take(u64::from(rej.skip_payload)),
+                        &mut sink,
+                    )
+                    .await?;
+                    if copied < u64::from(rej.skip_payload) {
+                        break Ok(());
+                    }
+                }
+                let msg = "request rejected";
+                if reply_tx
+                    .send(error_reply(h.cookie, rej.errno, structured, msg))
+                    .await
+                    .is_err()
+                {
+                    break Ok(());
+                }
+                continue;
+            }
+        };
+        if cmd == Command::Disconnect {
+            break Ok(());
+        }
+        let payload = if let Command::Write { length, .. } = cmd {
+            let mut p = vec![0u8; length as usize];
+            if let Err(e) = rd.read_exact(&mut p).await {
+                break Err(e);
+            }
+            p
+        } else {
+            Vec::new()
+        };
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let backend = backend.clone();
+        let reply_tx = reply_tx.clone();
+        let cookie = h.cookie;
+        tokio::task::spawn_blocking(move || {
+            let reply = execute(&*backend, cmd, cookie, payload, structured);
+            let _ = reply_tx.blocking_send(reply);
+            drop(permit);
+        });
+    };
+    // Let in-flight requests finish (their replies still go out), then close.
+    drop(reply_tx);
+    let _ = in_flight
+        .acquire_many(cfg.max_in_flight.max(1) as u32)
+        .await;
+    match writer.await {
+        Ok(Err(e)) if result.is_ok() => Err(e),
+        _ => result,
+    }
+}
+
+/// Resolves when the watch holds `true`; never, if its sender is gone while it holds `false`.
+async fn wait_true(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

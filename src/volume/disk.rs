@@ -1,0 +1,439 @@
+//! `Volume`: byte ranges -> encrypted data units over a [`BlockStore`].
+//!
+//! Whole units are encrypted straight from (or into) the caller's buffer; a range that starts
+//! or ends inside a unit is served by read-modify-write of that unit. Every write holds the
+//! stripe locks of the units it touches, so a read-modify-write never races another write of
+//! the same unit (the kernel client sends 512-byte I/O to 4096-sector volumes, and several
+//! connections may write at once).
+
+use std::cell::RefCell;
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use super::VolumeError;
+use super::cipher::{Backend, SectorCipher, UnitSize, XtsKey, wipe};
+use super::header::{COPY_OFFSETS, HEADER_COPY_LEN, VolumeHeader};
+use super::store::{BlockStore, FileStore};
+
+const STRIPES: usize = 256;
+/// Largest single transfer: larger requests are processed in pieces of this size.
+const CHUNK: usize = 1 << 20;
+
+pub struct Volume {
+    store: Box<dyn BlockStore>,
+    cipher: SectorCipher,
+    header: VolumeHeader,
+    unit: u64,
+    read_only: bool,
+    stripes: Vec<Mutex<()>>,
+}
+
+thread_local! {
+    /// Scratch for copies on the write path and partial units (no allocation per call).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Volume {
+    /// Writes both header copies into a new file (refuses an existing one), sized sparse.
+    pub fn create(path: &Path, header: &VolumeHeader) -> Result<(), VolumeError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        let store = FileStore::new(file);
+        Self::create_with_store(&store, header)?;
+        Ok(())
+    }
+
+    /// Writes a fresh volume's headers into `store` and sizes it.
+    pub fn create_with_store(
+        store: &dyn BlockStore,
+        header: &VolumeHeader,
+    ) -> Result<(), VolumeError> {
+        store.set_len(header.data_offset + header.size)?;
+        write_copies(store, header)?;
+        Ok(())
+    }
+
+    /// Reads and checks the header (the newer valid copy; both bad -> error).
+    pub fn read_header(path: &Path) -> Result<VolumeHeader, VolumeError> {
+        let store = FileStore::new(OpenOptions::new().read(true).open(path)?);
+        read_header_from(&store)
+    }
+
+    /// Rewrites the header crash-safely (generation + 1; copy A, sync, copy B, sync).
+    pub fn write_header(path: &Path, header: &VolumeHeader) -> Result<VolumeHeader, VolumeError> {
+        let store = FileStore::new(OpenOptions::new().read(true).write(true).open(path)?);
+        rewrite_header(&store, header)
+    }
+
+    /// Grows a detached volume; data is kept.
+    pub fn grow(path: &Path, new_size: u64) -> Result<VolumeHeader, VolumeError> {
+        let store = FileStore::new(OpenOptions::new().read(true).write(true).open(path)?);
+        let mut h = read_header_from(&store)?;
+        if new_size < h.size {
+            return Err(VolumeError::Invalid("volumes only grow"));
+        }
+        if !new_size.is_multiple_of(u64::from(h.sector_size)) {
+            return Err(VolumeError::Invalid(
+                "size must be a multiple of the sector size",
+            ));
+        }
+        h.size = new_size;
+        store.set_len(h.data_offset + new_size)?;
+        store.sync()?;
+        rewrite_header(&store, &h)
+    }
+
+    /// Opens a volume file for I/O with its unwrapped DEK.
+    pub fn open(path: &Path, key: XtsKey, read_only: bool) -> Result<Volume, VolumeError> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        Self::open_with_store(
+            Box::new(FileStore::new(file)),
+            key,
+            read_only,
+            Backend::default(),
+        )
+    }
+
+    pub fn open_with_store(
+        store: Box<dyn BlockStore>,
+        key: XtsKey,
+        read_only: bool,
+        backend: Backend,
+    ) -> Result<Volume, VolumeError> {
+        let header = read_header_from(store.as_ref())?;
+        let unit = UnitSize::from_bytes(header.sector_size)
+            .ok_or(VolumeError::BadHeader("sector size"))?;
+        let cipher = SectorCipher::new(&key, unit, backend)?;
+        if store.len()? < header.data_offset + header.size {
+            return Err(VolumeError::BadHeader(
+                "backing file shorter than the volume",
+            ));
+        }
+        Ok(Volume {
+            store,
+            cipher,
+            unit: u64::from(header.sector_size),
+            header,
+            read_only,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    pub fn header(&self) -> &VolumeHeader {
+        &self.header
+    }
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+    pub fn sector_size(&self) -> u32 {
+        self.header.sector_size
+    }
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), VolumeError> {
+        if write && self.read_only {
+            return Err(VolumeError::ReadOnly);
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.header.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange),
+        }
+    }
+
+    fn pos(&self, offset: u64) -> u64 {
+        self.header.data_offset + offset
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.check(offset, buf.len() as u64, false)?;
+        let u = self.unit;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let within = (pos % u) as usize;
+            let unit_idx = pos / u;
+            if within == 0 && buf.len() - done >= u as usize {
+                // Whole units: read ciphertext into the caller's buffer, decrypt in place.
+                let n = ((buf.len() - done) / u as usize * u as usize).min(CHUNK);
+                let out = &mut buf[done..done + n];
+                self.store.read_at(out, self.pos(pos))?;
+                self.decrypt_units(unit_idx, out);
+                done += n;
+            } else {
+                let n = (u as usize - within).min(buf.len() - done);
+                with_scratch(u as usize, |s| -> Result<(), VolumeError> {
+                    self.read_unit(unit_idx, s)?;
+                    buf[done..done + n].copy_from_slice(&s[within..within + n]);
+                    wipe(s);
+                    Ok(())
+                })?;
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (copied; see [`Volume::write_mut`] to save the copy).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        self.check(offset, data.len() as u64, true)?;
+        let mut done = 0;
+        while done < data.len() {
+            let n = (data.len() - done).min(CHUNK);
+            with_scratch(n, |s| {
+                s.copy_from_slice(&data[done..done + n]);
+                let r = self.write_mut(offset + done as u64, s);
+                wipe(s);
+                r
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`, encrypting whole units of `data` in place.
+    pub fn write_mut(&self, offset: u64, data: &mut [u8]) -> Result<(), VolumeError> {
+        self.check(offset, data.len() as u64, true)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let _locks = self.lock_units(offset, data.len() as u64);
+        let u = self.unit;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let within = (pos % u) as usize;
+            let unit_idx = pos / u;
+            if within == 0 && data.len() - done >= u as usize {
+                let n = ((data.len() - done) / u as usize * u as usize).min(CHUNK);
+                let chunk = &mut data[done..done + n];
+                self.encrypt_units(unit_idx, chunk);
+                self.store.write_at(chunk, self.pos(pos))?;
+                done += n;
+            } else {
+                let n = (u as usize - within).min(data.len() - done);
+                with_scratch(u as usize, |s| -> Result<(), VolumeError> {
+                    self.read_unit(unit_idx, s)?;
+                    s[within..within + n].copy_from_slice(&data[done..done + n]);
+                    self.encrypt_units(unit_idx, s);
+                    self.store.write_at(s, self.pos(unit_idx * u))?;
+                    Ok(())
+                })?;
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<(), VolumeError> {
+        if self.read_only {
+            return Ok(());
+        }
+        Ok(self.store.sync()?)
+    }
+
+    /// Discards a range: it reads as zeros afterwards; whole units become holes.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.write_zeroes(offset, len, true)
+    }
+
+    /// Zeroes a range. Whole units are punched (`may_punch`) or stored as zero bytes, which
+    /// read as zeros by the thin rule; partial units are read-modify-written.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool) -> Result<(), VolumeError> {
+        self.check(offset, len, true)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _locks = self.lock_units(offset, len);
+        let u = self.unit;
+        let end = offset + len;
+        let first_whole = offset.div_ceil(u) * u;
+        let last_whole = end / u * u;
+        if first_whole < last_whole {
+            if may_punch {
+                self.store
+                    .punch_hole(self.pos(first_whole), last_whole - first_whole)?;
+            } else {
+                let zeros = vec![0u8; CHUNK.min((last_whole - first_whole) as usize)];
+                let mut p = first_whole;
+                while p < last_whole {
+                    let n = (last_whole - p).min(zeros.len() as u64) as usize;
+                    self.store.write_at(&zeros[..n], self.pos(p))?;
+                    p += n as u64;
+                }
+            }
+        }
+        // Partial units at the edges.
+        let mut edges = Vec::with_capacity(2);
+        if offset < first_whole.min(end) {
+            edges.push((offset, first_whole.min(end)));
+        }
+        if last_whole.max(offset) < end && last_whole >= first_whole {
+            edges.push((last_whole.max(offset), end));
+        }
+        for (from, to) in edges {
+            let unit_idx = from / u;
+            let within = (from % u) as usize;
+            with_scratch(u as usize, |s| -> Result<(), VolumeError> {
+                self.read_unit(unit_idx, s)?;
+                s[within..within + (to - from) as usize].fill(0);
+                self.encrypt_units(unit_idx, s);
+                self.store.write_at(s, self.pos(unit_idx * u))?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Allocation of `[offset, offset+len)` as (length, is_hole) runs.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, VolumeError> {
+        self.check(offset, len, false)?;
+        Ok(self.store.allocation(self.pos(offset), len)?)
+    }
+
+    /// Reads and decrypts one unit into `s` (exactly one unit long).
+    fn read_unit(&self, unit_idx: u64, s: &mut [u8]) -> Result<(), VolumeError> {
+        self.store.read_at(s, self.pos(unit_idx * self.unit))?;
+        self.decrypt_units(unit_idx, s);
+        Ok(())
+    }
+
+    /// Decrypts whole units in place; a unit stored as all zeros is a hole and reads as zeros.
+    fn decrypt_units(&self, first: u64, data: &mut [u8]) {
+        let u = self.unit as usize;
+        let mut i = 0;
+        while i < data.len() {
+            // Run of non-zero units: one backend call.
+            let start = i;
+            while i < data.len() && !is_zero(&data[i..i + u]) {
+                i += u;
+            }
+            if i > start {
+                self.cipher
+                    .decrypt(first + (start / u) as u64, &mut data[start..i]);
+            }
+            while i < data.len() && is_zero(&data[i..i + u]) {
+                i += u;
+            }
+        }
+    }
+
+    /// Encrypts whole units in place; an all-zero plaintext unit is stored as zeros (thin).
+    fn encrypt_units(&self, first: u64, data: &mut [u8]) {
+        let u = self.unit as usize;
+        let mut i = 0;
+        while i < data.len() {
+            let start = i;
+            while i < data.len() && !is_zero(&data[i..i + u]) {
+                i += u;
+            }
+            if i > start {
+                self.cipher
+                    .encrypt(first + (start / u) as u64, &mut data[start..i]);
+            }
+            while i < data.len() && is_zero(&data[i..i + u]) {
+                i += u;
+            }
+        }
+    }
+
+    /// Locks the stripes of every unit in the range, in stripe order (no deadlock).
+    fn lock_units(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
+        let first = offset / self.unit;
+        let last = (offset + len - 1) / self.unit;
+        let span = last - first + 1;
+        let lock = |i: usize| self.stripes[i].lock().unwrap_or_else(|e| e.into_inner());
+        if span >= STRIPES as u64 {
+            return (0..STRIPES).map(lock).collect();
+        }
+        let mut idx: Vec<usize> = (first..=last)
+            .map(|u| (u % STRIPES as u64) as usize)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(lock).collect()
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (chunks, rest) = b.as_chunks::<16>();
+    // Ciphertext is almost never zero at its start: decide most units on the first block,
+    // then OR the rest together (vectorised, no branch per block).
+    match chunks.split_first() {
+        Some((first, _)) if u128::from_ne_bytes(*first) != 0 => false,
+        _ => {
+            chunks
+                .iter()
+                .fold(0u128, |a, c| a | u128::from_ne_bytes(*c))
+                == 0
+                && rest.iter().all(|&x| x == 0)
+        }
+    }
+}
+
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0);
+            }
+            f(&mut v[..len])
+        }
+        // Re-entered (write -> write_mut): use a fresh buffer.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
+}
+
+fn read_header_from(store: &dyn BlockStore) -> Result<VolumeHeader, VolumeError> {
+    let mut a = [0u8; HEADER_COPY_LEN];
+    let mut b = [0u8; HEADER_COPY_LEN];
+    store.read_at(&mut a, COPY_OFFSETS[0])?;
+    store.read_at(&mut b, COPY_OFFSETS[1])?;
+    Ok(VolumeHeader::choose(&a, &b)?.0)
+}
+
+/// Writes copy A, syncs, copy B, syncs: a cut anywhere leaves one valid copy.
+fn write_copies(store: &dyn BlockStore, header: &VolumeHeader) -> Result<(), VolumeError> {
+    let bytes = header.encode()?;
+    for off in COPY_OFFSETS {
+        store.write_at(&bytes, off)?;
+        store.sync()?;
+    }
+    Ok(())
+}
+
+/// Rewrites the header with generation + 1. When copy A is the only valid one, B is brought
+/// up first, so that at every moment at least one valid copy exists.
+pub(crate) fn rewrite_header(
+    store: &dyn BlockStore,
+    header: &VolumeHeader,
+) -> Result<VolumeHeader, VolumeError> {
+    let mut a = [0u8; HEADER_COPY_LEN];
+    let mut b = [0u8; HEADER_COPY_LEN];
+    store.read_at(&mut a, COPY_OFFSETS[0])?;
+    store.read_at(&mut b, COPY_OFFSETS[1])?;
+    let (current, valid) = VolumeHeader::choose(&a, &b)?;
+    let mut h = header.clone();
+    h.generation = current.generation + 1;
+    let bytes = h.encode()?;
+    // Overwrite a copy that is not the only valid one first.
+    let order = if valid[1] && !valid[0] {
+        [0, 1]
+    } else if valid[0] && !valid[1] {
+        [1, 0]
+    } else {
+        [0, 1]
+    };
+    for i in order {
+        store.write_at(&bytes, COPY_OFFSETS[i])?;
+        store.sync()?;
+    }
+    Ok(h)
+}

@@ -1,0 +1,67 @@
+//! Pure-Rust AES-256-XTS on the RustCrypto `aes` crate: the independent second backend.
+//!
+//! Per unit: compute all tweaks first (T_0 = AES(K2, iv), T_j+1 = T_j * x in GF(2^128)),
+//! XOR them in, encrypt every block of the unit in one `encrypt_blocks` call (so AES-NI keeps
+//! eight blocks in flight), XOR again.
+
+use aes::Aes256;
+use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
+
+use super::cipher::{UnitSize, XtsBackend, XtsKey, plain64_iv};
+
+const MAX_BLOCKS: usize = 4096 / 16;
+
+pub struct SoftXts {
+    data: Aes256,
+    tweak: Aes256,
+}
+
+impl SoftXts {
+    pub fn new(key: &XtsKey) -> SoftXts {
+        let (k1, k2) = key.bytes().split_at(32);
+        SoftXts {
+            data: Aes256::new(&Array::try_from(k1).expect("32-byte half")),
+            tweak: Aes256::new(&Array::try_from(k2).expect("32-byte half")),
+        }
+    }
+
+    fn run(&self, first_unit: u64, unit: UnitSize, data: &mut [u8], encrypt: bool) {
+        let nblocks = unit.bytes() / 16;
+        let mut tweaks = [0u128; MAX_BLOCKS];
+        for (k, chunk) in data.chunks_exact_mut(unit.bytes()).enumerate() {
+            let mut t0 = Array::from(plain64_iv(first_unit.wrapping_add(k as u64)));
+            self.tweak.encrypt_block(&mut t0);
+            let mut t = u128::from_le_bytes(t0.0);
+            for slot in tweaks.iter_mut().take(nblocks) {
+                *slot = t;
+                // Multiply by x: shift left one bit; reduce by x^128 + x^7 + x^2 + x + 1.
+                t = (t << 1) ^ ((t >> 127) * 0x87);
+            }
+            let (blocks, rest) = Array::<u8, _>::slice_as_chunks_mut(chunk);
+            debug_assert!(rest.is_empty());
+            xor_tweaks(blocks, &tweaks[..nblocks]);
+            if encrypt {
+                self.data.encrypt_blocks(blocks);
+            } else {
+                self.data.decrypt_blocks(blocks);
+            }
+            xor_tweaks(blocks, &tweaks[..nblocks]);
+        }
+    }
+}
+
+fn xor_tweaks(blocks: &mut [aes::Block], tweaks: &[u128]) {
+    for (b, t) in blocks.iter_mut().zip(tweaks) {
+        let v = u128::from_le_bytes(b.0) ^ t;
+        b.0 = v.to_le_bytes();
+    }
+}
+
+impl XtsBackend for SoftXts {
+    fn encrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]) {
+        self.run(first_unit, unit, data, true);
+    }
+    fn decrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]) {
+        self.run(first_unit, unit, data, false);
+    }
+}

@@ -1,0 +1,277 @@
+//! Block stores: positional I/O under a volume, like redb's `StorageBackend`. [`FileStore`] is a
+//! sparse file; [`MemStore`] is its in-memory twin for tests (and fault injection).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::RwLock;
+
+#[allow(
+    clippy::len_without_is_empty,
+    reason = "a store is never empty: it holds the headers"
+)]
+pub trait BlockStore: Send + Sync {
+    /// Fills `buf` from `offset`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the store if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Everything written before this call is durable when it returns.
+    fn sync(&self) -> io::Result<()>;
+    /// The range reads as zeros afterwards and, where possible, frees its space.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Sets the length (growing leaves a hole).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Allocation of `[offset, offset+len)` as (length, is_hole) runs in order.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>>;
+}
+
+/// A sparse file: pread/pwrite, fdatasync, fallocate(PUNCH_HOLE), SEEK_DATA/SEEK_HOLE.
+pub struct FileStore {
+    file: File,
+}
+
+impl FileStore {
+    pub fn new(file: File) -> FileStore {
+        FileStore { file }
+    }
+}
+
+impl BlockStore for FileStore {
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.file.read_at(buf, offset) {
+                Ok(0) => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        sys::punch_hole(self.file.as_raw_fd(), offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        let fd = self.file.as_raw_fd();
+        let end = offset + len;
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            // Where does data start at or after pos? ENXIO: no more data -> hole to the end.
+            let data = sys::seek(fd, pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+            if data > pos {
+                runs.push((data - pos, true));
+                pos = data;
+                continue;
+            }
+            let hole = sys::seek(fd, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            let hole = hole.max(pos + 1).min(end);
+            runs.push((hole - pos, false));
+            pos = hole;
+        }
+        Ok(runs)
+    }
+}
+
+/// The few syscalls std lacks.
+#[allow(unsafe_code)]
+mod sys {
+    use std::io;
+    use std::os::fd::RawFd;
+
+    pub fn punch_hole(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate only reads its integer arguments; fd is owned by the caller's File
+        // for the duration of the call.
+        let r = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// lseek with SEEK_DATA/SEEK_HOLE; `None` for ENXIO (no data/hole past `offset`).
+    pub fn seek(fd: RawFd, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: lseek only reads its integer arguments; fd is valid for the call (see above).
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+}
+
+/// In-memory store: 4 KiB pages, absent pages are holes. Can be told to fail writes (tests of
+/// ENOSPC/EIO paths) or to stop after a byte budget (crash cuts).
+#[derive(Default)]
+pub struct MemStore {
+    inner: RwLock<MemInner>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    pages: std::collections::BTreeMap<u64, Box<[u8; PAGE]>>,
+    len: u64,
+    /// Remaining bytes writes may store before failing with `fail_errno`; None = unlimited.
+    write_budget: Option<u64>,
+    fail_errno: i32,
+}
+
+const PAGE: usize = 4096;
+
+impl MemStore {
+    pub fn new() -> MemStore {
+        MemStore::default()
+    }
+    /// After `bytes` more bytes, writes fail with `errno` (a partial write keeps its prefix).
+    pub fn fail_after(&self, bytes: u64, errno: i32) {
+        let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        g.write_budget = Some(bytes);
+        g.fail_errno = errno;
+    }
+    /// A copy of the whole content (for crash-cut tests).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let len = self.len().unwrap_or(0) as usize;
+        let mut v = vec![0u8; len];
+        let _ = self.read_at(&mut v, 0);
+        v
+    }
+}
+
+impl BlockStore for MemStore {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (page, within) = (pos / PAGE as u64, (pos % PAGE as u64) as usize);
+            let n = (PAGE - within).min(buf.len() - done);
+            match g.pages.get(&page) {
+                Some(p) => buf[done..done + n].copy_from_slice(&p[within..within + n]),
+                None => buf[done..done + n].fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let mut allowed = buf.len();
+        if let Some(budget) = g.write_budget {
+            allowed = allowed.min(budget as usize);
+            g.write_budget = Some(budget - allowed as u64);
+        }
+        let mut done = 0usize;
+        while done < allowed {
+            let pos = offset + done as u64;
+            let (page, within) = (pos / PAGE as u64, (pos % PAGE as u64) as usize);
+            let n = (PAGE - within).min(allowed - done);
+            let p = g.pages.entry(page).or_insert_with(|| Box::new([0u8; PAGE]));
+            p[within..within + n].copy_from_slice(&buf[done..done + n]);
+            done += n;
+        }
+        g.len = g.len.max(offset + allowed as u64);
+        if allowed < buf.len() {
+            return Err(io::Error::from_raw_os_error(g.fail_errno));
+        }
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let end = offset + len;
+        let first_whole = offset.div_ceil(PAGE as u64);
+        let last_whole = end / PAGE as u64;
+        let keys: Vec<u64> = g
+            .pages
+            .range(first_whole..last_whole)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            g.pages.remove(&k);
+        }
+        drop(g);
+        // Partial pages at the edges are zeroed in place.
+        let zero_edge = |from: u64, to: u64| -> io::Result<()> {
+            if to > from {
+                let z = vec![0u8; (to - from) as usize];
+                let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+                for (i, b) in z.iter().enumerate() {
+                    let pos = from + i as u64;
+                    if let Some(p) = g.pages.get_mut(&(pos / PAGE as u64)) {
+                        p[(pos % PAGE as u64) as usize] = *b;
+                    }
+                }
+            }
+            Ok(())
+        };
+        zero_edge(offset, (first_whole * PAGE as u64).min(end))?;
+        zero_edge((last_whole * PAGE as u64).max(offset), end)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.inner.read().unwrap_or_else(|e| e.into_inner()).len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        g.len = len;
+        let cut = len.div_ceil(PAGE as u64);
+        g.pages.split_off(&cut);
+        Ok(())
+    }
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let page = pos / PAGE as u64;
+            let n = ((page + 1) * PAGE as u64).min(end) - pos;
+            let hole = !g.pages.contains_key(&page);
+            match runs.last_mut() {
+                Some(last) if last.1 == hole => last.0 += n,
+                _ => runs.push((n, hole)),
+            }
+            pos += n;
+        }
+        Ok(runs)
+    }
+}
