@@ -97,6 +97,13 @@ impl TestServer {
         TestServer::start_registry(cfg, reg)
     }
 
+    /// One writable export "mem" of `size` bytes; the backend is returned for direct checks.
+    pub fn start_mem(size: u64) -> (TestServer, Arc<MemBackend>) {
+        let b = Arc::new(MemBackend::new(size, 4096));
+        let reg = StaticRegistry::new().with("mem", b.clone(), false);
+        (TestServer::start_registry(ServerConfig::default(), reg), b)
+    }
+
     pub fn start_registry(cfg: ServerConfig, reg: StaticRegistry) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("nbd.sock");
