@@ -223,6 +223,7 @@ fn fio_nbd_engine_randwrite_verify() {
             "--iodepth=16",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
