@@ -673,3 +673,121 @@ fn many_idle_connections_do_not_block_new_clients() {
     // The idle ones still work.
     assert_eq!(idle[0].read_simple(3, 0, 4096).unwrap(), vec![3; 4096]);
 }
+
+#[test]
+fn fua_accepted_on_every_command() {
+    // SEND_FUA is advertised, so the server MUST accept FUA on any command (even ignoring it);
+    // clients are known to set it on FLUSH.
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    let (_, flags) = c.go("mem", false, false);
+    assert_ne!(flags & (1 << 3), 0, "SEND_FUA");
+    c.send_req(FLAG_FUA, CMD_FLUSH, 1, 0, 0);
+    assert_eq!(c.simple(), (0, 1));
+    c.send_req(FLAG_FUA, CMD_CACHE, 2, 0, 4096);
+    assert_eq!(c.simple(), (0, 2));
+    c.send_req(FLAG_FUA, CMD_READ, 3, 0, 16);
+    assert_eq!(c.read_reply(|_| 16).error(), 0);
+    c.send_req(FLAG_FUA, CMD_TRIM, 4, 0, 4096);
+    assert_eq!(c.simple(), (0, 4));
+    c.send_req(FLAG_FUA | FLAG_NO_HOLE, CMD_WRITE_ZEROES, 5, 0, 4096);
+    assert_eq!(c.simple(), (0, 5));
+    let mut d = srv.connect();
+    d.go("mem", true, true);
+    let e = extents(&mut d, 1, FLAG_FUA | FLAG_REQ_ONE, 0, 4096);
+    assert_eq!(e.len(), 1);
+}
+
+#[test]
+fn block_status_zero_length_never_sends_empty_extent() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", true, true);
+    c.send_req(0, CMD_BLOCK_STATUS, 1, 4096, 0);
+    for ch in c.chunks() {
+        if let Reply::Chunk {
+            ty: REPLY_BLOCK_STATUS,
+            payload,
+            ..
+        } = &ch
+        {
+            for d in payload[4..].chunks(8) {
+                assert_ne!(be32(d), 0, "extent length MUST be nonzero");
+            }
+        }
+    }
+    assert_eq!(extents(&mut c, 2, 0, 0, 4096), vec![(4096, 3)]);
+}
+
+#[test]
+fn export_name_keeps_negotiated_structured_replies() {
+    // Once STRUCTURED_REPLY is acked the server MUST answer READ with structured replies,
+    // also when the client then enters transmission with EXPORT_NAME (clients whose GO is
+    // refused fall back to it with their earlier options in force).
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    assert_eq!(c.opt(OPT_STRUCTURED_REPLY, &[])[0].reply, REP_ACK);
+    let r = c.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("mem", &["base:allocation"]),
+    );
+    assert_eq!(r[0].reply, REP_META_CONTEXT);
+    c.send_opt(OPT_EXPORT_NAME, b"mem");
+    let r = c.read_n(10);
+    assert_eq!(be64(&r[0..8]), 64 * MIB);
+    assert_ne!(
+        be16(&r[8..10]) & (1 << 7),
+        0,
+        "SEND_DF with structured replies"
+    );
+    c.send_req(0, CMD_WRITE, 1, 0, 4);
+    c.write(b"abcd");
+    assert_eq!(c.read_reply(|_| 0).error(), 0);
+    assert_eq!(c.read_structured(2, 0, 4).unwrap(), b"abcd");
+    assert_eq!(extents(&mut c, 3, FLAG_REQ_ONE, 0, 8192), vec![(4096, 0)]);
+}
+
+#[test]
+fn meta_context_only_for_the_export_it_named() {
+    let srv = TestServer::start();
+    // Contexts selected for "ro", then GO "mem": BLOCK_STATUS is not negotiated.
+    let mut c = srv.connect();
+    c.send_flags();
+    assert_eq!(c.opt(OPT_STRUCTURED_REPLY, &[])[0].reply, REP_ACK);
+    let r = c.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("ro", &["base:allocation"]),
+    );
+    assert_eq!(r[0].reply, REP_META_CONTEXT);
+    assert_eq!(
+        c.opt(OPT_GO, &info_payload("mem", &[]))
+            .last()
+            .unwrap()
+            .reply,
+        REP_ACK
+    );
+    c.send_req(0, CMD_BLOCK_STATUS, 1, 0, 4096);
+    assert_eq!(c.chunks().last().unwrap().error(), EINVAL);
+
+    // A failed SET_META_CONTEXT replaces the earlier selection too.
+    let mut d = srv.connect();
+    d.send_flags();
+    assert_eq!(d.opt(OPT_STRUCTURED_REPLY, &[])[0].reply, REP_ACK);
+    let r = d.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("mem", &["base:allocation"]),
+    );
+    assert_eq!(r[0].reply, REP_META_CONTEXT);
+    let r = d.opt(OPT_SET_META_CONTEXT, &[0, 0, 0, 9, b'x']);
+    assert_eq!(r[0].reply, REP_ERR_INVALID);
+    assert_eq!(
+        d.opt(OPT_GO, &info_payload("mem", &[]))
+            .last()
+            .unwrap()
+            .reply,
+        REP_ACK
+    );
+    d.send_req(0, CMD_BLOCK_STATUS, 1, 0, 4096);
+    assert_eq!(d.chunks().last().unwrap().error(), EINVAL);
+}

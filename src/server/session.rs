@@ -143,6 +143,8 @@ async fn negotiate(
 ) -> io::Result<Outcome> {
     let mut structured = false;
     let mut meta_allocation = false;
+    // The export the last SET_META_CONTEXT named: contexts hold only for that export.
+    let mut meta_export: Option<String> = None;
     let tls_required = peer.tcp && cfg.require_tls_on_tcp && cfg.tls.is_some() && !peer.tls_active;
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
@@ -170,7 +172,10 @@ async fn negotiate(
                 let Some((export, name)) = open_export(registry, &name) else {
                     return Ok(Outcome::Close);
                 };
-                let flags = transmission_flags(&export, false);
+                // Structured replies and meta contexts negotiated before EXPORT_NAME stay in
+                // force: once STRUCTURED_REPLY is acked, READ MUST get structured replies.
+                let meta_allocation = meta_allocation && meta_export.as_deref() == Some(&name);
+                let flags = transmission_flags(&export, structured);
                 handshake::encode_export_name_reply(
                     &mut out,
                     export.backend.size(),
@@ -181,8 +186,8 @@ async fn negotiate(
                 return Ok(Outcome::Go {
                     export,
                     name,
-                    structured: false,
-                    meta_allocation: false,
+                    structured,
+                    meta_allocation,
                 });
             }
             NBD_OPT_GO | NBD_OPT_INFO => {
@@ -247,6 +252,7 @@ async fn negotiate(
                 handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                 s.write_all(&out).await?;
                 if opt == NBD_OPT_GO {
+                    let meta_allocation = meta_allocation && meta_export.as_deref() == Some(&name);
                     return Ok(Outcome::Go {
                         export,
                         name,
@@ -309,6 +315,11 @@ async fn negotiate(
             }
             NBD_OPT_SET_META_CONTEXT | NBD_OPT_LIST_META_CONTEXT => {
                 let set = opt == NBD_OPT_SET_META_CONTEXT;
+                if set {
+                    // SET replaces the previous selection, also when it fails.
+                    meta_allocation = false;
+                    meta_export = None;
+                }
                 match handshake::parse_meta_context_request(&data) {
                     _ if !structured => handshake::encode_option_reply(
                         &mut out,
@@ -340,6 +351,7 @@ async fn negotiate(
                         };
                         if set {
                             meta_allocation = matches;
+                            meta_export = open_export(registry, &req.export).map(|(_, n)| n);
                         }
                         if matches {
                             handshake::encode_meta_context(
@@ -477,6 +489,9 @@ fn execute(
                 for e in extents {
                     if covered >= u64::from(length) {
                         break;
+                    }
+                    if e.length == 0 {
+                        continue; // descriptors MUST have a nonzero length
                     }
                     let l = e.length.min(u64::from(length) - covered) as u32;
                     let f = if e.hole {
