@@ -791,3 +791,44 @@ fn meta_context_only_for_the_export_it_named() {
     d.send_req(0, CMD_BLOCK_STATUS, 1, 0, 4096);
     assert_eq!(d.chunks().last().unwrap().error(), EINVAL);
 }
+
+#[test]
+fn client_that_never_reads_replies_cannot_balloon_server_memory() {
+    // 40 pipelined 32 MiB READs (1.25 GiB of replies) and no reading: the server must stop
+    // taking requests once its per-connection buffer budget is held, not queue them all.
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    // Settle the runtime's own allocations first.
+    let mut other = srv.connect();
+    other.go("mem", false, false);
+    assert_eq!(other.read_simple(1, 0, 32 << 20).unwrap().len(), 32 << 20);
+    let before = rss_kib().unwrap_or(0);
+    let n = 40u64;
+    for i in 0..n {
+        c.send_req(0, CMD_READ, i, 0, 32 << 20);
+    }
+    // Memory growth is only visible over time: sample for a while.
+    let mut peak = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        peak = peak.max(rss_kib().unwrap_or(0).saturating_sub(before));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("RSS growth with a non-reading client (40 x 32 MiB READs queued): {peak} KiB");
+    assert!(
+        peak < 256 * 1024,
+        "server buffered {} MiB for one non-reading client",
+        peak / 1024
+    );
+    // Other clients are served meanwhile.
+    assert_eq!(other.write_simple(2, 4096, &[1; 4096]), 0);
+    // The slow client gets every reply once it reads.
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let r = c.read_reply(|_| 32 << 20);
+        assert_eq!(r.error(), 0);
+        seen.insert(r.cookie());
+    }
+    assert_eq!(seen.len(), n as usize);
+}

@@ -11,7 +11,7 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::ServerConfig;
 use super::backend::{Backend, ExportRegistry, OpenExport};
@@ -385,6 +385,12 @@ struct Reply {
     data: Option<Vec<u8>>,
 }
 
+/// Bytes of WRITE payloads and READ data one connection may hold at once (two maximum-size
+/// requests). Taken before a payload is read or a read buffer allocated, given back once the
+/// reply is on the socket: a client that never reads its replies cannot make the server buffer
+/// more than this (without it, one connection held ~4 GiB: 64 in flight plus 64 queued).
+const MAX_BUFFERED_BYTES: u32 = 2 * MAX_PAYLOAD;
+
 fn nbd_errno(e: &io::Error) -> u32 {
     match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => NBD_EPERM,
@@ -528,16 +534,19 @@ async fn transmission(
 ) -> io::Result<()> {
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(cfg.max_in_flight.max(1));
+    let (reply_tx, mut reply_rx) =
+        mpsc::channel::<(Reply, Option<OwnedSemaphorePermit>)>(cfg.max_in_flight.max(1));
+    let buffered = Arc::new(Semaphore::new(MAX_BUFFERED_BYTES as usize));
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(64 * 1024, wr);
-        while let Some(r) = reply_rx.recv().await {
+        // Each reply's byte budget is given back when it goes out of scope, once written.
+        while let Some((r, _budget)) = reply_rx.recv().await {
             w.write_all(&r.head).await?;
             if let Some(d) = &r.data {
                 w.write_all(d).await?;
             }
             // Batch whatever else is ready into the same flush.
-            while let Ok(r) = reply_rx.try_recv() {
+            while let Ok((r, _budget)) = reply_rx.try_recv() {
                 w.write_all(&r.head).await?;
                 if let Some(d) = &r.data {
                     w.write_all(d).await?;
@@ -592,7 +601,7 @@ async fn transmission(
                 }
                 let msg = "request rejected";
                 if reply_tx
-                    .send(error_reply(h.cookie, rej.errno, structured, msg))
+                    .send((error_reply(h.cookie, rej.errno, structured, msg), None))
                     .await
                     .is_err()
                 {
@@ -604,6 +613,16 @@ async fn transmission(
         if cmd == Command::Disconnect {
             break Ok(());
         }
+        let budget = match cmd {
+            Command::Read { length, .. } | Command::Write { length, .. } if length > 0 => Some(
+                buffered
+                    .clone()
+                    .acquire_many_owned(length)
+                    .await
+                    .expect("semaphore never closed"),
+            ),
+            _ => None,
+        };
         let payload = if let Command::Write { length, .. } = cmd {
             let mut p = vec![0u8; length as usize];
             if let Err(e) = rd.read_exact(&mut p).await {
@@ -623,7 +642,7 @@ async fn transmission(
         let cookie = h.cookie;
         tokio::task::spawn_blocking(move || {
             let reply = execute(&*backend, cmd, cookie, payload, structured);
-            let _ = reply_tx.blocking_send(reply);
+            let _ = reply_tx.blocking_send((reply, budget));
             drop(permit);
         });
     };
