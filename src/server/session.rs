@@ -11,7 +11,7 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::ServerConfig;
 use super::backend::{Backend, ExportRegistry, OpenExport};
@@ -143,6 +143,8 @@ async fn negotiate(
 ) -> io::Result<Outcome> {
     let mut structured = false;
     let mut meta_allocation = false;
+    // The export the last SET_META_CONTEXT named: contexts hold only for that export.
+    let mut meta_export: Option<String> = None;
     let tls_required = peer.tcp && cfg.require_tls_on_tcp && cfg.tls.is_some() && !peer.tls_active;
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
@@ -170,7 +172,10 @@ async fn negotiate(
                 let Some((export, name)) = open_export(registry, &name) else {
                     return Ok(Outcome::Close);
                 };
-                let flags = transmission_flags(&export, false);
+                // Structured replies and meta contexts negotiated before EXPORT_NAME stay in
+                // force: once STRUCTURED_REPLY is acked, READ MUST get structured replies.
+                let meta_allocation = meta_allocation && meta_export.as_deref() == Some(&name);
+                let flags = transmission_flags(&export, structured);
                 handshake::encode_export_name_reply(
                     &mut out,
                     export.backend.size(),
@@ -181,8 +186,8 @@ async fn negotiate(
                 return Ok(Outcome::Go {
                     export,
                     name,
-                    structured: false,
-                    meta_allocation: false,
+                    structured,
+                    meta_allocation,
                 });
             }
             NBD_OPT_GO | NBD_OPT_INFO => {
@@ -247,6 +252,7 @@ async fn negotiate(
                 handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                 s.write_all(&out).await?;
                 if opt == NBD_OPT_GO {
+                    let meta_allocation = meta_allocation && meta_export.as_deref() == Some(&name);
                     return Ok(Outcome::Go {
                         export,
                         name,
@@ -309,6 +315,11 @@ async fn negotiate(
             }
             NBD_OPT_SET_META_CONTEXT | NBD_OPT_LIST_META_CONTEXT => {
                 let set = opt == NBD_OPT_SET_META_CONTEXT;
+                if set {
+                    // SET replaces the previous selection, also when it fails.
+                    meta_allocation = false;
+                    meta_export = None;
+                }
                 match handshake::parse_meta_context_request(&data) {
                     _ if !structured => handshake::encode_option_reply(
                         &mut out,
@@ -340,6 +351,7 @@ async fn negotiate(
                         };
                         if set {
                             meta_allocation = matches;
+                            meta_export = open_export(registry, &req.export).map(|(_, n)| n);
                         }
                         if matches {
                             handshake::encode_meta_context(
@@ -371,8 +383,6 @@ async fn negotiate(
 struct Reply {
     head: Vec<u8>,
     data: Option<Vec<u8>>,
-    /// The connection's buffer budget this reply holds until it is on the wire.
-    hold: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 fn nbd_errno(e: &io::Error) -> u32 {
@@ -394,11 +404,7 @@ fn error_reply(cookie: u64, errno: u32, structured: bool, msg: &str) -> Reply {
     } else {
         head.extend_from_slice(&tx::simple_reply(cookie, errno));
     }
-    Reply {
-        head,
-        data: None,
-        hold: None,
-    }
+    Reply { head, data: None }
 }
 
 fn ok_reply(cookie: u64, structured: bool) -> Reply {
@@ -408,11 +414,7 @@ fn ok_reply(cookie: u64, structured: bool) -> Reply {
     } else {
         head.extend_from_slice(&tx::simple_reply(cookie, 0));
     }
-    Reply {
-        head,
-        data: None,
-        hold: None,
-    }
+    Reply { head, data: None }
 }
 
 /// Runs one validated command against the backend (blocking: called off the reactor).
@@ -431,13 +433,11 @@ fn execute(
                 Ok(()) if structured && length > 0 => Reply {
                     head: tx::offset_data_header(cookie, true, offset, length).to_vec(),
                     data: Some(buf),
-                    hold: None,
                 },
                 Ok(()) if structured => ok_reply(cookie, true),
                 Ok(()) => Reply {
                     head: tx::simple_reply(cookie, 0).to_vec(),
                     data: Some(buf),
-                    hold: None,
                 },
                 Err(e) => fail(e),
             }
@@ -490,6 +490,9 @@ fn execute(
                     if covered >= u64::from(length) {
                         break;
                     }
+                    if e.length == 0 {
+                        continue; // descriptors MUST have a nonzero length
+                    }
                     let l = e.length.min(u64::from(length) - covered) as u32;
                     let f = if e.hole {
                         NBD_STATE_HOLE | NBD_STATE_ZERO
@@ -507,11 +510,7 @@ fn execute(
                 }
                 let mut head = Vec::with_capacity(24 + 8 * descs.len());
                 tx::block_status_chunk(&mut head, cookie, BASE_ALLOCATION_ID, &descs);
-                Reply {
-                    head,
-                    data: None,
-                    hold: None,
-                }
+                Reply { head, data: None }
             }
             Err(e) => fail(e),
         },
@@ -529,16 +528,18 @@ async fn transmission(
 ) -> io::Result<()> {
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(cfg.max_in_flight.max(1));
+    let (reply_tx, mut reply_rx) =
+        mpsc::channel::<(Reply, Option<OwnedSemaphorePermit>)>(cfg.max_in_flight.max(1));
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(64 * 1024, wr);
-        while let Some(r) = reply_rx.recv().await {
+        // Each reply's byte budget is given back when it goes out of scope, once written.
+        while let Some((r, _budget)) = reply_rx.recv().await {
             w.write_all(&r.head).await?;
             if let Some(d) = &r.data {
                 w.write_all(d).await?;
             }
             // Batch whatever else is ready into the same flush.
-            while let Ok(r) = reply_rx.try_recv() {
+            while let Ok((r, _budget)) = reply_rx.try_recv() {
                 w.write_all(&r.head).await?;
                 if let Some(d) = &r.data {
                     w.write_all(d).await?;
@@ -607,7 +608,7 @@ async fn transmission(
                 }
                 let msg = "request rejected";
                 if reply_tx
-                    .send(error_reply(h.cookie, rej.errno, structured, msg))
+                    .send((error_reply(h.cookie, rej.errno, structured, msg), None))
                     .await
                     .is_err()
                 {
@@ -623,12 +624,16 @@ async fn transmission(
             Command::Read { length, .. } | Command::Write { length, .. } => length,
             _ => 0,
         };
-        let kib = data_len.div_ceil(1024).min(budget_kib);
-        let bytes_permit = buffered
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("semaphore never closed");
+        let budget = match data_len.div_ceil(1024).min(budget_kib) {
+            0 => None,
+            kib => Some(
+                buffered
+                    .clone()
+                    .acquire_many_owned(kib)
+                    .await
+                    .expect("semaphore never closed"),
+            ),
+        };
         let payload = if let Command::Write { length, .. } = cmd {
             let mut p = vec![0u8; length as usize];
             if let Err(e) = rd.read_exact(&mut p).await {
@@ -642,9 +647,8 @@ async fn transmission(
         if runs_inline(&cmd) {
             // Small requests are cheaper to serve here than to hand to another thread and back:
             // 4 KiB of XTS is about a microsecond, a thread handoff several.
-            let mut reply = execute(&*backend, cmd, cookie, payload, structured);
-            reply.hold = Some(bytes_permit);
-            if reply_tx.send(reply).await.is_err() {
+            let reply = execute(&*backend, cmd, cookie, payload, structured);
+            if reply_tx.send((reply, budget)).await.is_err() {
                 break Ok(());
             }
             continue;
@@ -657,9 +661,8 @@ async fn transmission(
         let backend = backend.clone();
         let reply_tx = reply_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let mut reply = execute(&*backend, cmd, cookie, payload, structured);
-            reply.hold = Some(bytes_permit);
-            let _ = reply_tx.blocking_send(reply);
+            let reply = execute(&*backend, cmd, cookie, payload, structured);
+            let _ = reply_tx.blocking_send((reply, budget));
             drop(permit);
         });
     };

@@ -1,0 +1,834 @@
+//! Raw-socket conformance tests of the NBD server (doc/proto.md of NetworkBlockDevice/nbd):
+//! one test per MUST item of the handshake and transmission phases, plus hostile clients.
+//! The server runs in-process on a temp Unix socket with in-memory exports.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use cryptvol::server::ServerConfig;
+use support::*;
+
+// ---------------------------------------------------------------- handshake
+
+#[test]
+fn greeting_bytes() {
+    let srv = TestServer::start();
+    let mut s = std::os::unix::net::UnixStream::connect(&srv.sock).unwrap();
+    let mut g = [0u8; 18];
+    std::io::Read::read_exact(&mut s, &mut g).unwrap();
+    assert_eq!(&g[0..8], b"NBDMAGIC");
+    assert_eq!(&g[8..16], b"IHAVEOPT");
+    assert_eq!(&g[16..18], &[0, 3], "FIXED_NEWSTYLE | NO_ZEROES");
+}
+
+#[test]
+fn unknown_client_flags_close() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.write(&(1u32 << 5 | 3).to_be_bytes());
+    c.expect_closed();
+}
+
+#[test]
+fn export_name_unknown_closes_without_size() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    c.send_opt(OPT_EXPORT_NAME, b"nope");
+    c.expect_closed();
+}
+
+#[test]
+fn export_name_known_gives_size_and_flags_no_zeroes() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags(); // NO_ZEROES
+    c.send_opt(OPT_EXPORT_NAME, b"mem");
+    let r = c.read_n(10);
+    assert_eq!(be64(&r[0..8]), 64 * MIB);
+    assert_ne!(be16(&r[8..10]) & TF_HAS_FLAGS, 0);
+    // Next bytes are a transmission reply, not 124 zeros.
+    let (e, ck) = {
+        c.send_req(0, CMD_FLUSH, 9, 0, 0);
+        c.simple()
+    };
+    assert_eq!((e, ck), (0, 9));
+}
+
+#[test]
+fn go_and_info_report_export_then_ack_with_requested_infos() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let asked = [INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE];
+    let info = c.opt(OPT_INFO, &info_payload("mem", &asked));
+    let go = c.opt(OPT_GO, &info_payload("mem", &asked));
+    for r in [&info, &go] {
+        assert_eq!(r.last().unwrap().reply, REP_ACK);
+        assert!(r[..r.len() - 1].iter().all(|x| x.reply == REP_INFO));
+        let by_type: HashMap<u16, &Vec<u8>> = r[..r.len() - 1]
+            .iter()
+            .map(|x| (be16(&x.data), &x.data))
+            .collect();
+        let e = by_type[&INFO_EXPORT];
+        assert_eq!(e.len(), 12);
+        assert_eq!(be64(&e[2..10]), 64 * MIB);
+        let flags = be16(&e[10..12]);
+        assert_ne!(flags & TF_HAS_FLAGS, 0);
+        assert_ne!(flags & TF_CAN_MULTI_CONN, 0);
+        assert_eq!(flags & TF_READ_ONLY, 0);
+        assert_eq!(&by_type[&INFO_NAME][2..], b"mem");
+        assert!(by_type.contains_key(&INFO_DESCRIPTION));
+        let b = by_type[&INFO_BLOCK_SIZE];
+        assert_eq!(b.len(), 14);
+        assert_eq!(
+            (be32(&b[2..6]), be32(&b[6..10]), be32(&b[10..14])),
+            (1, 4096, 32 << 20),
+            "min 1, preferred = sector, max 32 MiB"
+        );
+    }
+    // INFO and GO give the same data.
+    let strip = |v: &Vec<OptReply>| -> Vec<(u32, Vec<u8>)> {
+        v.iter().map(|r| (r.reply, r.data.clone())).collect()
+    };
+    assert_eq!(strip(&info), strip(&go));
+    // No padding after GO's ACK: the next bytes are the reply to our first request.
+    c.send_req(0, CMD_FLUSH, 0x1234, 0, 0);
+    assert_eq!(c.simple(), (0, 0x1234));
+}
+
+#[test]
+fn go_unknown_export_err_unknown_and_continue() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let r = c.opt(OPT_GO, &info_payload("nope", &[]));
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].reply, REP_ERR_UNKNOWN);
+    let (size, _) = {
+        let r = c.opt(OPT_GO, &info_payload("mem", &[]));
+        assert_eq!(r.last().unwrap().reply, REP_ACK);
+        (be64(&r[0].data[2..10]), ())
+    };
+    assert_eq!(size, 64 * MIB);
+}
+
+#[test]
+fn go_malformed_length_err_invalid_and_continue() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    // Name length says 100 but the option holds 3 bytes of name.
+    let mut bad = 100u32.to_be_bytes().to_vec();
+    bad.extend_from_slice(b"mem\0\0");
+    let r = c.opt(OPT_GO, &bad);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].reply, REP_ERR_INVALID);
+    // Trailing garbage after the info list.
+    let mut trailing = info_payload("mem", &[]);
+    trailing.push(7);
+    assert_eq!(c.opt(OPT_INFO, &trailing)[0].reply, REP_ERR_INVALID);
+    // Info count claims 5 requests but carries one.
+    let mut short = 3u32.to_be_bytes().to_vec();
+    short.extend_from_slice(b"mem");
+    short.extend_from_slice(&5u16.to_be_bytes());
+    short.extend_from_slice(&INFO_NAME.to_be_bytes());
+    assert_eq!(c.opt(OPT_GO, &short)[0].reply, REP_ERR_INVALID);
+    // Negotiation continues.
+    let r = c.opt(OPT_GO, &info_payload("mem", &[]));
+    assert_eq!(r.last().unwrap().reply, REP_ACK);
+}
+
+#[test]
+fn list_gives_server_per_export_then_ack() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let r = c.opt(OPT_LIST, &[]);
+    assert_eq!(r.last().unwrap().reply, REP_ACK);
+    let mut names: Vec<String> = r[..r.len() - 1]
+        .iter()
+        .map(|x| {
+            assert_eq!(x.reply, REP_SERVER);
+            let n = be32(&x.data) as usize;
+            String::from_utf8(x.data[4..4 + n].to_vec()).unwrap()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["mem", "ro"]);
+    // LIST with data: ERR_INVALID, negotiation continues.
+    let r = c.opt(OPT_LIST, b"x");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].reply, REP_ERR_INVALID);
+    assert_eq!(c.opt(OPT_LIST, &[]).len(), 3);
+}
+
+#[test]
+fn abort_acks_then_closes() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let r = c.opt(OPT_ABORT, &[]);
+    assert_eq!(r[0].reply, REP_ACK);
+    c.expect_closed();
+}
+
+#[test]
+fn unknown_option_and_extended_headers_unsup_payload_consumed() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let r = c.opt(0x7777, b"some payload that must be skipped, IHAVEOPT");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].reply, REP_ERR_UNSUP);
+    assert_eq!(r[0].option, 0x7777);
+    let r = c.opt(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(r[0].reply, REP_ERR_UNSUP, "qemu 10 falls back on this");
+    // Stream in sync: the next option works.
+    let r = c.opt(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(r[0].reply, REP_ACK);
+}
+
+#[test]
+fn meta_context_needs_structured_replies() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let q = meta_payload("mem", &["base:allocation"]);
+    assert_eq!(c.opt(OPT_SET_META_CONTEXT, &q)[0].reply, REP_ERR_INVALID);
+    assert_eq!(c.opt(OPT_STRUCTURED_REPLY, &[])[0].reply, REP_ACK);
+    let r = c.opt(OPT_SET_META_CONTEXT, &q);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].reply, REP_META_CONTEXT);
+    assert_eq!(&r[0].data[4..], b"base:allocation");
+    assert_eq!(r[1].reply, REP_ACK);
+    // Unknown namespaces are ignored (no context, just ACK).
+    let r = c.opt(
+        OPT_LIST_META_CONTEXT,
+        &meta_payload("mem", &["qemu:dirty-bitmap:x"]),
+    );
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].reply, REP_ACK);
+    let r = c.opt(
+        OPT_LIST_META_CONTEXT,
+        &meta_payload("mem", &["base:allocation"]),
+    );
+    assert_eq!(r[0].reply, REP_META_CONTEXT);
+}
+
+#[test]
+fn option_length_2_31_closes_at_once() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let mut b = IHAVEOPT.to_vec();
+    b.extend_from_slice(&OPT_GO.to_be_bytes());
+    b.extend_from_slice(&(1u32 << 31).to_be_bytes());
+    c.write(&b);
+    let t = Instant::now();
+    c.expect_closed();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "closed without waiting"
+    );
+}
+
+#[test]
+fn starttls_without_tls_err_policy() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let r = c.opt(OPT_STARTTLS, &[]);
+    assert_eq!(r[0].reply, REP_ERR_POLICY);
+    assert_eq!(c.opt(OPT_LIST, &[]).last().unwrap().reply, REP_ACK);
+}
+
+#[test]
+fn handshake_deadline_closes_silent_clients() {
+    let cfg = ServerConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(cfg, MIB);
+    // Silent before the client flags.
+    let mut a = srv.connect();
+    // Silent in the middle of option haggling.
+    let mut b = srv.connect();
+    b.send_flags();
+    assert_eq!(b.opt(OPT_STRUCTURED_REPLY, &[])[0].reply, REP_ACK);
+    let t = Instant::now();
+    a.expect_closed();
+    b.expect_closed();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The server still serves.
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+}
+
+// ---------------------------------------------------------------- transmission
+
+fn pattern(seed: u8, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn simple_read_write_round_trip() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    let (size, flags) = c.go("mem", false, false);
+    assert_eq!(size, 64 * MIB);
+    assert_eq!(flags & TF_READ_ONLY, 0);
+    let d = pattern(1, 10_000);
+    assert_eq!(c.write_simple(1, 12_345, &d), 0); // unaligned
+    assert_eq!(c.read_simple(2, 12_345, 10_000).unwrap(), d);
+    // FUA write, flush, cache.
+    c.send_req(FLAG_FUA, CMD_WRITE, 3, 0, 512);
+    c.write(&[9u8; 512]);
+    assert_eq!(c.simple(), (0, 3));
+    c.send_req(0, CMD_FLUSH, 4, 0, 0);
+    assert_eq!(c.simple(), (0, 4));
+    c.send_req(0, CMD_CACHE, 5, 0, 4096);
+    assert_eq!(c.simple(), (0, 5));
+    assert_eq!(c.read_simple(6, 0, 512).unwrap(), vec![9u8; 512]);
+}
+
+#[test]
+fn structured_read_write_round_trip() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", true, false);
+    let d = pattern(2, 100_000);
+    c.send_req(0, CMD_WRITE, 1, 4096 * 3 + 7, d.len() as u32);
+    c.write(&d);
+    let ch = c.chunks();
+    assert_eq!(ch.len(), 1);
+    assert_eq!(ch[0].error(), 0);
+    assert_eq!(c.read_structured(2, 4096 * 3 + 7, 100_000).unwrap(), d);
+    // Unwritten space reads as zeros (maybe as hole chunks).
+    assert_eq!(
+        c.read_structured(3, 32 * MIB, 8192).unwrap(),
+        vec![0u8; 8192]
+    );
+    // DF is allowed with structured replies.
+    c.send_req(FLAG_DF, CMD_READ, 4, 4096 * 3 + 7, 10);
+    let ch = c.chunks();
+    assert_eq!(ch.last().unwrap().error(), 0);
+}
+
+#[test]
+fn pipelined_requests_all_cookies_return() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    let mut batch = Vec::new();
+    let mut read_lens = HashMap::new();
+    // 16 writes to distinct blocks, then 16 reads of other blocks, all sent before reading.
+    for i in 0..16u64 {
+        let ck = 0xdead_0000_0000_0000 | i;
+        batch.extend(Conn::request_bytes(0, CMD_WRITE, ck, i * 65536, 65536));
+        batch.extend(vec![i as u8 + 1; 65536]);
+    }
+    for i in 0..16u64 {
+        let ck = 0xbeef_0000_0000_0000 | i;
+        read_lens.insert(ck, 4096usize);
+        batch.extend(Conn::request_bytes(0, CMD_READ, ck, (32 + i) * 65536, 4096));
+    }
+    c.write(&batch);
+    let mut seen = HashSet::new();
+    for _ in 0..32 {
+        let r = c.read_reply(|ck| read_lens.get(&ck).copied().unwrap_or(0));
+        assert_eq!(r.error(), 0);
+        assert!(seen.insert(r.cookie()), "cookie answered twice");
+    }
+    assert_eq!(seen.len(), 32);
+    for i in 0..16u64 {
+        assert_eq!(
+            c.read_simple(100 + i, i * 65536, 65536).unwrap(),
+            vec![i as u8 + 1; 65536]
+        );
+    }
+}
+
+#[test]
+fn zero_length_read() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    assert_eq!(c.read_simple(1, 0, 0).unwrap(), Vec::<u8>::new());
+    let mut d = srv.connect();
+    d.go("mem", true, false);
+    assert_eq!(d.read_structured(1, 4096, 0).unwrap(), Vec::<u8>::new());
+}
+
+#[test]
+fn out_of_range_einval_read_enospc_write_stream_in_sync() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    assert_eq!(c.read_simple(1, 1 << 63, 1), Err(EINVAL));
+    assert_eq!(c.read_simple(2, u64::MAX - 10, 100), Err(EINVAL)); // offset+len overflows
+    assert_eq!(c.read_simple(3, 64 * MIB - 1, 2), Err(EINVAL));
+    // WRITE past the end: ENOSPC; the payload is skipped, not parsed as requests.
+    let junk = Conn::request_bytes(0, CMD_DISC, 0, 0, 0).repeat(20);
+    c.send_req(0, CMD_WRITE, 4, 1 << 63, junk.len() as u32);
+    c.write(&junk);
+    assert_eq!(c.simple(), (ENOSPC, 4));
+    c.send_req(0, CMD_WRITE, 5, u64::MAX - 3, 8);
+    c.write(&[1; 8]);
+    assert_eq!(c.simple(), (ENOSPC, 5));
+    c.send_req(0, CMD_WRITE_ZEROES, 6, 64 * MIB, 1);
+    assert_eq!(c.simple(), (ENOSPC, 6));
+    c.send_req(0, CMD_TRIM, 7, 64 * MIB - 1, 2);
+    assert_eq!(c.simple(), (EINVAL, 7));
+    // Still in sync; nothing was written at the end.
+    assert_eq!(c.read_simple(8, 64 * MIB - 8, 8).unwrap(), vec![0; 8]);
+}
+
+#[test]
+fn read_only_export_write_eperm() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    let (size, flags) = c.go("ro", false, false);
+    assert_eq!(size, MIB);
+    assert_ne!(flags & TF_READ_ONLY, 0);
+    assert_eq!(c.write_simple(1, 0, &[5; 1000]), EPERM);
+    c.send_req(0, CMD_TRIM, 2, 0, 512);
+    assert_eq!(c.simple(), (EPERM, 2));
+    c.send_req(0, CMD_WRITE_ZEROES, 3, 0, 512);
+    assert_eq!(c.simple(), (EPERM, 3));
+    assert_eq!(c.read_simple(4, 0, 1000).unwrap(), vec![0; 1000]);
+}
+
+#[test]
+fn unknown_command_and_flags_einval_stream_in_sync() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    c.send_req(0, 42, 1, 0, 0);
+    assert_eq!(c.simple(), (EINVAL, 1));
+    c.send_req(0, 0xffff, 2, 0, 4096);
+    assert_eq!(c.simple(), (EINVAL, 2));
+    // Unknown flag bit; known flag on the wrong command; DF without structured replies.
+    c.send_req(1 << 12, CMD_FLUSH, 3, 0, 0);
+    assert_eq!(c.simple(), (EINVAL, 3));
+    c.send_req(FLAG_NO_HOLE, CMD_TRIM, 4, 0, 4096);
+    assert_eq!(c.simple(), (EINVAL, 4));
+    c.send_req(FLAG_DF, CMD_READ, 5, 0, 4096);
+    assert_eq!(c.simple(), (EINVAL, 5));
+    c.send_req(FLAG_REQ_ONE, CMD_READ, 6, 0, 4096);
+    assert_eq!(c.simple(), (EINVAL, 6));
+    assert_eq!(c.read_simple(7, 0, 16).unwrap(), vec![0; 16]);
+}
+
+#[test]
+fn block_status_needs_meta_context() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", true, false);
+    c.send_req(0, CMD_BLOCK_STATUS, 1, 0, 4096);
+    let ch = c.chunks();
+    assert_eq!(ch.last().unwrap().error(), EINVAL);
+    assert_eq!(c.read_structured(2, 0, 16).unwrap(), vec![0; 16]);
+}
+
+fn extents(c: &mut Conn, cookie: u64, flags: u16, offset: u64, len: u32) -> Vec<(u32, u32)> {
+    c.send_req(flags, CMD_BLOCK_STATUS, cookie, offset, len);
+    let ch = c.chunks();
+    assert_eq!(ch.len(), 1, "{ch:?}");
+    let Reply::Chunk { ty, payload, .. } = &ch[0] else {
+        unreachable!()
+    };
+    assert_eq!(*ty, REPLY_BLOCK_STATUS, "{ch:?}");
+    assert_eq!(be32(payload), 1, "context id from SET_META_CONTEXT");
+    payload[4..]
+        .chunks(8)
+        .map(|d| (be32(&d[0..4]), be32(&d[4..8])))
+        .collect()
+}
+
+#[test]
+fn block_status_holes_and_data_req_one() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", true, true);
+    const HZ: u32 = 3; // HOLE | ZERO
+    assert_eq!(extents(&mut c, 1, 0, 0, 65536), vec![(65536, HZ)]);
+    c.send_req(0, CMD_WRITE, 2, 16384, 8192);
+    c.write(&[1; 8192]);
+    assert_eq!(c.chunks()[0].error(), 0);
+    assert_eq!(
+        extents(&mut c, 3, 0, 0, 65536),
+        vec![(16384, HZ), (8192, 0), (40960, HZ)]
+    );
+    // REQ_ONE: exactly one extent, starting at the offset.
+    let one = extents(&mut c, 4, FLAG_REQ_ONE, 0, 65536);
+    assert_eq!(one, vec![(16384, HZ)]);
+    let one = extents(&mut c, 5, FLAG_REQ_ONE, 16384, 65536);
+    assert_eq!(one, vec![(8192, 0)]);
+    // TRIM makes a hole again and reads zeros.
+    c.send_req(0, CMD_TRIM, 6, 16384, 8192);
+    assert_eq!(c.chunks()[0].error(), 0);
+    assert_eq!(extents(&mut c, 7, 0, 0, 65536), vec![(65536, HZ)]);
+    assert_eq!(c.read_structured(8, 16384, 8192).unwrap(), vec![0; 8192]);
+}
+
+#[test]
+fn trim_then_read_zeros_simple() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    assert_eq!(c.write_simple(1, 1000, &[7; 20_000]), 0);
+    c.send_req(0, CMD_TRIM, 2, 1000, 20_000);
+    assert_eq!(c.simple(), (0, 2));
+    assert_eq!(c.read_simple(3, 1000, 20_000).unwrap(), vec![0; 20_000]);
+    // WRITE_ZEROES (with NO_HOLE) too.
+    assert_eq!(c.write_simple(4, 0, &[7; 4096]), 0);
+    c.send_req(FLAG_NO_HOLE, CMD_WRITE_ZEROES, 5, 100, 200);
+    assert_eq!(c.simple(), (0, 5));
+    let r = c.read_simple(6, 0, 4096).unwrap();
+    assert!(r[100..300].iter().all(|b| *b == 0));
+    assert!(r[..100].iter().chain(&r[300..]).all(|b| *b == 7));
+}
+
+#[test]
+fn write_zeroes_fast_zero_no_hole_enotsup() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    assert_eq!(c.write_simple(1, 0, &[7; 4096]), 0);
+    c.send_req(FLAG_FAST_ZERO | FLAG_NO_HOLE, CMD_WRITE_ZEROES, 2, 0, 4096);
+    assert_eq!(c.simple(), (ENOTSUP, 2));
+    // Nothing changed; FAST_ZERO alone works.
+    assert_eq!(c.read_simple(3, 0, 4096).unwrap(), vec![7; 4096]);
+    c.send_req(FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 4, 0, 4096);
+    assert_eq!(c.simple(), (0, 4));
+    assert_eq!(c.read_simple(5, 0, 4096).unwrap(), vec![0; 4096]);
+}
+
+#[test]
+fn oversized_read_errors_connection_usable() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    let big = (32 << 20) + 1;
+    assert_eq!(c.read_simple(1, 0, big), Err(EINVAL));
+    assert_eq!(c.read_simple(2, 0, 8).unwrap(), vec![0; 8]);
+    let mut d = srv.connect();
+    d.go("mem", true, false);
+    let e = d.read_structured(1, 0, big).unwrap_err();
+    assert!(e == EOVERFLOW || e == EINVAL, "got {e}");
+    assert_eq!(d.read_structured(2, 0, 8).unwrap(), vec![0; 8]);
+    // A max-size read works.
+    assert_eq!(d.read_structured(3, 0, 32 << 20).unwrap().len(), 32 << 20);
+}
+
+#[test]
+fn oversized_write_payload_skipped_or_closed() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    // 33 MiB claimed: the server must refuse without allocating it first; either skip and
+    // answer, or close. We send the payload so a skipping server can answer.
+    let big = (33u32) << 20;
+    c.send_req(0, CMD_WRITE, 1, 0, big);
+    let sender = {
+        let mut s = c.s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![0xaau8; 1 << 20];
+            for _ in 0..33 {
+                if std::io::Write::write_all(&mut s, &chunk).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut b = [0u8; 16];
+    match std::io::Read::read_exact(&mut c.s, &mut b) {
+        Ok(()) => {
+            assert_eq!(be32(&b[0..4]), SIMPLE_MAGIC);
+            assert_ne!(be32(&b[4..8]), 0, "oversized write refused");
+            sender.join().unwrap();
+            assert_eq!(
+                c.read_simple(2, 0, 8).unwrap(),
+                vec![0; 8],
+                "nothing written"
+            );
+        }
+        Err(_) => { /* closed: allowed */ }
+    }
+}
+
+#[test]
+fn bad_request_magic_closes() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    let mut r = Conn::request_bytes(0, CMD_READ, 1, 0, 8);
+    r[0] ^= 0xff;
+    c.write(&r);
+    c.expect_closed();
+}
+
+#[test]
+fn disc_delivers_outstanding_replies_then_closes() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    let mut batch = Vec::new();
+    for i in 0..8u64 {
+        batch.extend(Conn::request_bytes(0, CMD_WRITE, i, i * 4096, 4096));
+        batch.extend(vec![1u8; 4096]);
+    }
+    for i in 8..16u64 {
+        batch.extend(Conn::request_bytes(0, CMD_READ, i, 0, 4096));
+    }
+    batch.extend(Conn::request_bytes(0, CMD_DISC, 99, 0, 0));
+    c.write(&batch);
+    let mut seen = HashSet::new();
+    for _ in 0..16 {
+        let r = c.read_reply(|ck| if ck >= 8 { 4096 } else { 0 });
+        assert_eq!(r.error(), 0);
+        seen.insert(r.cookie());
+    }
+    assert_eq!(seen, (0..16).collect());
+    c.expect_closed(); // and no reply to DISC
+}
+
+#[test]
+fn hostile_client_does_not_affect_another_connection() {
+    let srv = TestServer::start();
+    let mut good = srv.connect();
+    good.go("mem", true, true);
+    let d = pattern(3, 65536);
+    good.send_req(0, CMD_WRITE, 1, 0, 65536);
+    good.write(&d);
+    assert_eq!(good.chunks()[0].error(), 0);
+
+    // A series of hostile connections, each failing in its own way.
+    let mut h1 = srv.connect();
+    h1.go("mem", false, false);
+    h1.write(&[0xff; 100]); // garbage mid-stream
+    h1.expect_closed();
+    let mut h2 = srv.connect();
+    h2.go("mem", false, false);
+    h2.write(&Conn::request_bytes(0, CMD_WRITE, 1, 0, 1 << 20)[..20]); // truncated header
+    drop(h2);
+    let mut h3 = srv.connect();
+    h3.send_flags();
+    h3.send_opt(OPT_GO, &[1, 2, 3]);
+    drop(h3); // vanished mid-handshake
+    let mut h4 = srv.connect();
+    h4.go("mem", false, false);
+    h4.send_req(0, CMD_WRITE, 1, 0, 4096);
+    h4.write(&[0xee; 100]); // short payload, then gone
+    drop(h4);
+    let mut h5 = srv.connect();
+    h5.go("mem", false, false);
+    for i in 0..64 {
+        h5.send_req(0, CMD_READ, i, 0, 1 << 20); // never reads the replies
+    }
+
+    // The good connection still works and its data is intact.
+    assert_eq!(good.read_structured(2, 0, 65536).unwrap(), d);
+    assert_eq!(extents(&mut good, 3, 0, 0, 65536), vec![(65536, 0)]);
+    // New clients are served too.
+    let mut fresh = srv.connect();
+    fresh.go("mem", false, false);
+    assert_eq!(fresh.read_simple(1, 0, 65536).unwrap(), d);
+    drop(h5);
+}
+
+#[test]
+fn many_idle_connections_do_not_block_new_clients() {
+    let srv = TestServer::start_with(ServerConfig::default(), MIB);
+    let before = rss_kib();
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut c = srv.connect();
+        if i % 2 == 0 {
+            c.go("mem", false, false); // idle in transmission
+        } else {
+            c.send_flags(); // idle in the handshake
+        }
+        idle.push(c);
+    }
+    let t = Instant::now();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    assert_eq!(c.write_simple(1, 0, &[3; 4096]), 0);
+    assert_eq!(c.read_simple(2, 0, 4096).unwrap(), vec![3; 4096]);
+    let served = t.elapsed();
+    assert!(served < Duration::from_secs(5));
+    if let (Some(b), Some(a)) = (before, rss_kib()) {
+        eprintln!(
+            "RSS with 200 idle connections (100 in transmission, 100 in handshake): \
+             {a} KiB total, +{} KiB over {b} KiB before; new client served in {served:?}",
+            a.saturating_sub(b)
+        );
+    }
+    // The idle ones still work.
+    assert_eq!(idle[0].read_simple(3, 0, 4096).unwrap(), vec![3; 4096]);
+}
+
+#[test]
+fn fua_accepted_on_every_command() {
+    // SEND_FUA is advertised, so the server MUST accept FUA on any command (even ignoring it);
+    // clients are known to set it on FLUSH.
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    let (_, flags) = c.go("mem", false, false);
+    assert_ne!(flags & (1 << 3), 0, "SEND_FUA");
+    c.send_req(FLAG_FUA, CMD_FLUSH, 1, 0, 0);
+    assert_eq!(c.simple(), (0, 1));
+    c.send_req(FLAG_FUA, CMD_CACHE, 2, 0, 4096);
+    assert_eq!(c.simple(), (0, 2));
+    c.send_req(FLAG_FUA, CMD_READ, 3, 0, 16);
+    assert_eq!(c.read_reply(|_| 16).error(), 0);
+    c.send_req(FLAG_FUA, CMD_TRIM, 4, 0, 4096);
+    assert_eq!(c.simple(), (0, 4));
+    c.send_req(FLAG_FUA | FLAG_NO_HOLE, CMD_WRITE_ZEROES, 5, 0, 4096);
+    assert_eq!(c.simple(), (0, 5));
+    let mut d = srv.connect();
+    d.go("mem", true, true);
+    let e = extents(&mut d, 1, FLAG_FUA | FLAG_REQ_ONE, 0, 4096);
+    assert_eq!(e.len(), 1);
+}
+
+#[test]
+fn block_status_zero_length_never_sends_empty_extent() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", true, true);
+    c.send_req(0, CMD_BLOCK_STATUS, 1, 4096, 0);
+    for ch in c.chunks() {
+        if let Reply::Chunk {
+            ty: REPLY_BLOCK_STATUS,
+            payload,
+            ..
+        } = &ch
+        {
+            for d in payload[4..].chunks(8) {
+                assert_ne!(be32(d), 0, "extent length MUST be nonzero");
+            }
+        }
+    }
+    assert_eq!(extents(&mut c, 2, 0, 0, 4096), vec![(4096, 3)]);
+}
+
+#[test]
+fn export_name_keeps_negotiated_structured_replies() {
+    // Once STRUCTURED_REPLY is acked the server MUST answer READ with structured replies,
+    // also when the client then enters transmission with EXPORT_NAME (clients whose GO is
+    // refused fall back to it with their earlier options in force).
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    assert_eq!(c.opt(OPT_STRUCTURED_REPLY, &[])[0].reply, REP_ACK);
+    let r = c.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("mem", &["base:allocation"]),
+    );
+    assert_eq!(r[0].reply, REP_META_CONTEXT);
+    c.send_opt(OPT_EXPORT_NAME, b"mem");
+    let r = c.read_n(10);
+    assert_eq!(be64(&r[0..8]), 64 * MIB);
+    assert_ne!(
+        be16(&r[8..10]) & (1 << 7),
+        0,
+        "SEND_DF with structured replies"
+    );
+    c.send_req(0, CMD_WRITE, 1, 0, 4);
+    c.write(b"abcd");
+    assert_eq!(c.read_reply(|_| 0).error(), 0);
+    assert_eq!(c.read_structured(2, 0, 4).unwrap(), b"abcd");
+    assert_eq!(extents(&mut c, 3, FLAG_REQ_ONE, 0, 8192), vec![(4096, 0)]);
+}
+
+#[test]
+fn meta_context_only_for_the_export_it_named() {
+    let srv = TestServer::start();
+    // Contexts selected for "ro", then GO "mem": BLOCK_STATUS is not negotiated.
+    let mut c = srv.connect();
+    c.send_flags();
+    assert_eq!(c.opt(OPT_STRUCTURED_REPLY, &[])[0].reply, REP_ACK);
+    let r = c.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("ro", &["base:allocation"]),
+    );
+    assert_eq!(r[0].reply, REP_META_CONTEXT);
+    assert_eq!(
+        c.opt(OPT_GO, &info_payload("mem", &[]))
+            .last()
+            .unwrap()
+            .reply,
+        REP_ACK
+    );
+    c.send_req(0, CMD_BLOCK_STATUS, 1, 0, 4096);
+    assert_eq!(c.chunks().last().unwrap().error(), EINVAL);
+
+    // A failed SET_META_CONTEXT replaces the earlier selection too.
+    let mut d = srv.connect();
+    d.send_flags();
+    assert_eq!(d.opt(OPT_STRUCTURED_REPLY, &[])[0].reply, REP_ACK);
+    let r = d.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("mem", &["base:allocation"]),
+    );
+    assert_eq!(r[0].reply, REP_META_CONTEXT);
+    let r = d.opt(OPT_SET_META_CONTEXT, &[0, 0, 0, 9, b'x']);
+    assert_eq!(r[0].reply, REP_ERR_INVALID);
+    assert_eq!(
+        d.opt(OPT_GO, &info_payload("mem", &[]))
+            .last()
+            .unwrap()
+            .reply,
+        REP_ACK
+    );
+    d.send_req(0, CMD_BLOCK_STATUS, 1, 0, 4096);
+    assert_eq!(d.chunks().last().unwrap().error(), EINVAL);
+}
+
+#[test]
+fn client_that_never_reads_replies_cannot_balloon_server_memory() {
+    // 40 pipelined 32 MiB READs (1.25 GiB of replies) and no reading: the server must stop
+    // taking requests once its per-connection buffer budget is held, not queue them all.
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", false, false);
+    // Settle the runtime's own allocations first.
+    let mut other = srv.connect();
+    other.go("mem", false, false);
+    assert_eq!(other.read_simple(1, 0, 32 << 20).unwrap().len(), 32 << 20);
+    let before = rss_kib().unwrap_or(0);
+    let n = 40u64;
+    for i in 0..n {
+        c.send_req(0, CMD_READ, i, 0, 32 << 20);
+    }
+    // Memory growth is only visible over time: sample for a while.
+    let mut peak = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        peak = peak.max(rss_kib().unwrap_or(0).saturating_sub(before));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("RSS growth with a non-reading client (40 x 32 MiB READs queued): {peak} KiB");
+    assert!(
+        peak < 256 * 1024,
+        "server buffered {} MiB for one non-reading client",
+        peak / 1024
+    );
+    // Other clients are served meanwhile.
+    assert_eq!(other.write_simple(2, 4096, &[1; 4096]), 0);
+    // The slow client gets every reply once it reads.
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let r = c.read_reply(|_| 32 << 20);
+        assert_eq!(r.error(), 0);
+        seen.insert(r.cookie());
+    }
+    assert_eq!(seen.len(), n as usize);
+}
