@@ -91,6 +91,9 @@ pub struct Job {
     pub plan: Plan,
     /// Byte offset of block 0 of this connection's stripe.
     pub base: u64,
+    /// Bytes from one block of the stripe to the next: `bs` for a contiguous stripe,
+    /// `connections * bs` when the connections' blocks interleave.
+    pub stride: u64,
     pub bs: usize,
     pub iodepth: usize,
     /// `Some(run_id)`: write the pattern, check reads, and read back every written block at the end.
@@ -232,7 +235,7 @@ async fn writer(
                 };
                 let Some(op) = op else { break };
                 free.pop();
-                let offset = job.base + op.block * job.bs as u64;
+                let offset = job.base + op.block * job.stride;
                 let mut expect = 0;
                 if verifying {
                     let b = op.block as usize;

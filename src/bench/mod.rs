@@ -5,8 +5,11 @@
 //!   run ─▶ measure ─▶ N × conn::connect ─▶ N × conn::run (writer + reader tasks) ─▶ Report
 //!                           (URI)              (workload::Plan, verify pattern)     (report.rs)
 //! ```
-//! Offsets: sequential and verified workloads split the export into one stripe per connection;
-//! unverified random ones spread over the whole export. Latency is measured from the moment a
+//! Offsets: sequential workloads split the export into one contiguous stripe per connection;
+//! verified ones interleave the connections' blocks (block i belongs to connection i mod N), so
+//! that with blocks smaller than a sector several connections write into the same sector at
+//! once while each block keeps a single writer; unverified random ones spread over the whole
+//! export. Latency is measured from the moment a
 //! request is queued for sending to the moment its whole reply has arrived.
 
 mod conn;
@@ -235,7 +238,12 @@ async fn measure_async(
                 bound(i),
                 seed ^ (i + 1),
             ),
-            base: if striped { i * stripe_blocks * bs } else { 0 },
+            base: match (args.verify, striped) {
+                (true, _) => i * bs,
+                (false, true) => i * stripe_blocks * bs,
+                (false, false) => 0,
+            },
+            stride: if args.verify { n * bs } else { bs },
             bs: bs as usize,
             iodepth: args.iodepth as usize,
             verify: args.verify.then_some(run_id),
