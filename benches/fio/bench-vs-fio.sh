@@ -45,7 +45,7 @@ p = x["clat_ns"]["percentile"]  # fio's clat: submit to completion, as cryptvol 
 print(sys.argv[2], "fio", f'{x["bw_bytes"]/1048576:.1f}', f'{x["iops"]:.0f}',
       f'{p["50.000000"]/1e3:.0f}', f'{p["99.000000"]/1e3:.0f}', f'{p["99.900000"]/1e3:.0f}')
 PYEOF
-        "$bin" "${sub[@]}" "$uri" --json --rw "$rw" --bs "$bs" --iodepth "$qd" --time "$((t + 1))" \
+        "$bin" "${sub[@]}" "$uri" --json --rw "$rw" --bs "$bs" --iodepth "$qd" --time "$t" --ramp 1 \
             > "$work/bench.json"
         $PY - "$work/bench.json" "$rw/$bs/QD$qd" <<'PYEOF'
 import json, sys
