@@ -208,6 +208,20 @@ fn time_bound_and_bad_arguments() {
     .unwrap();
     assert!(r.elapsed_s >= 0.29 && r.elapsed_s < 2.0, "{}", r.elapsed_s);
     assert!(r.read.unwrap().ops > 0);
+    // The ramp runs first and is not measured.
+    let a = args(&[
+        &k.uri(),
+        "--rw",
+        "randread",
+        "--time",
+        "300ms",
+        "--ramp",
+        "300ms",
+    ]);
+    let t0 = Instant::now();
+    let r = measure(&a, false).unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(600));
+    assert!(r.elapsed_s >= 0.29 && r.elapsed_s < 2.0, "{}", r.elapsed_s);
     // More blocks than the export has per connection with --verify.
     let a = args(&[
         &k.uri(),

@@ -1,30 +1,32 @@
-//! One NBD connection of the load generator: handshake, then a writer task that keeps `iodepth`
-//! requests in flight and a reader task that takes replies in any order.
+//! One NBD connection of the load generator: handshake, then one task that keeps `iodepth`
+//! requests in flight and takes replies in any order.
 //!
 //! ```text
-//!   writer ──requests (one vectored write per batch)──▶ server ──replies──▶ reader
-//!     ▲                                                                        │
-//!     └──────────────── free slots (cookie = slot index) ◀─────────────────────┘
+//!          ┌──────────── select! ────────────┐
+//!   plan ─▶ queue ──writev (many requests)──▶ server ──replies──▶ read buffer ─▶ stats
+//!    ▲       (slot = cookie)                                         │
+//!    └─────────────────────── free slots ◀───────────────────────────┘
 //! ```
-//! The reader and writer are separate tasks so that a server which blocks on sending read data
-//! never deadlocks against us blocking on sending write data.
+//! Reading and writing wait in the same `select!`, so a server that blocks on sending read data
+//! never deadlocks against us blocking on sending write data, and no request crosses a thread
+//! or a channel (at queue depth 1 the path is: reply read, next request written).
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
 
 use super::BenchError;
 use super::uri::{NbdUri, Target};
 use super::workload::{Mismatch, Op, Plan, check_pattern, fill_pattern};
 use crate::nbd::client::{
-    Handshake, HandshakeOptions, Negotiated, ReplyHeader, RequestHeader, SIMPLE_REPLY_LEN,
-    decode_reply_header,
+    ClientError, Handshake, HandshakeOptions, Negotiated, ReplyHeader, RequestHeader,
+    SIMPLE_REPLY_LEN, decode_reply_header,
 };
 use crate::nbd::consts::*;
 
@@ -91,12 +93,17 @@ pub struct Job {
     pub plan: Plan,
     /// Byte offset of block 0 of this connection's stripe.
     pub base: u64,
+    /// Bytes from one block of the stripe to the next: `bs` for a contiguous stripe,
+    /// `connections * bs` when the connections' blocks interleave.
+    pub stride: u64,
     pub bs: usize,
     pub iodepth: usize,
     /// `Some(run_id)`: write the pattern, check reads, and read back every written block at the end.
     pub verify: Option<u32>,
     /// Number of blocks in the stripe (for the verify bookkeeping).
     pub blocks: u64,
+    /// Requests issued before this instant (the ramp) are not measured.
+    pub record_from: Instant,
     /// Filler for unverified writes (not zeros, so that no server can skip them).
     pub filler: Arc<Vec<u8>>,
 }
@@ -139,8 +146,177 @@ struct Slot {
     phase: Phase,
 }
 
+/// A request waiting to be (fully) written.
+struct Queued {
+    slot: usize,
+    read: bool,
+    header: [u8; 28],
+}
+
+/// Requests not yet on the wire; `head_done` bytes of the first one are already written.
+#[derive(Default)]
+struct OutQueue {
+    items: VecDeque<Queued>,
+    head_done: usize,
+}
+
+impl OutQueue {
+    /// Up to 64 requests as I/O slices (headers and write payloads).
+    fn slices<'a>(&'a self, payload: &dyn Fn(usize) -> &'a [u8]) -> Vec<IoSlice<'a>> {
+        let mut iov = Vec::with_capacity(self.items.len().min(64) * 2);
+        let mut skip = self.head_done;
+        for q in self.items.iter().take(64) {
+            let data: &[u8] = if q.read { &[] } else { payload(q.slot) };
+            for part in [&q.header[..], data] {
+                if skip >= part.len() {
+                    skip -= part.len();
+                } else {
+                    iov.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                }
+            }
+        }
+        iov
+    }
+
+    /// Drops what the last write took.
+    fn advance(&mut self, mut n: usize, bs: usize) {
+        while n > 0 {
+            let front = self
+                .items
+                .front()
+                .expect("written bytes belong to queued requests");
+            let len = 28 + if front.read { 0 } else { bs };
+            let left = len - self.head_done;
+            if n >= left {
+                n -= left;
+                self.head_done = 0;
+                self.items.pop_front();
+            } else {
+                self.head_done += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+/// The issuing side: plan, phases and the verify bookkeeping.
+struct Issuer {
+    job: Job,
+    phase: Phase,
+    /// Generation last written per block (verify), and blocks with an I/O in flight.
+    gens: Vec<u32>,
+    busy: Vec<bool>,
+    slot_block: Vec<Option<usize>>,
+    /// Per-slot payload buffers (verify); unverified writes all send `job.filler`.
+    payloads: Vec<Vec<u8>>,
+    verify_next: usize,
+}
+
+impl Issuer {
+    fn new(job: Job) -> Self {
+        let verifying = job.verify.is_some();
+        let blocks = if verifying { job.blocks as usize } else { 0 };
+        let slots = if verifying { job.iodepth } else { 0 };
+        Issuer {
+            phase: Phase::Main,
+            gens: vec![0; blocks],
+            busy: vec![false; blocks],
+            slot_block: vec![None; job.iodepth],
+            payloads: (0..slots).map(|_| vec![0u8; job.bs]).collect(),
+            verify_next: 0,
+            job,
+        }
+    }
+
+    fn payload(&self, slot: usize) -> &[u8] {
+        if self.job.verify.is_some() {
+            &self.payloads[slot]
+        } else {
+            &self.job.filler
+        }
+    }
+
+    /// A slot came back: its block may be used again.
+    fn release(&mut self, slot: usize) {
+        if let Some(b) = self.slot_block[slot].take() {
+            self.busy[b] = false;
+        }
+    }
+
+    /// Queues requests into free slots while the plan has work.
+    fn fill(&mut self, free: &mut Vec<usize>, slots: &mut [Slot], out: &mut OutQueue) {
+        let verifying = self.job.verify.is_some();
+        let now = Instant::now();
+        while let Some(&s) = free.last() {
+            let op = match self.phase {
+                Phase::Main => {
+                    let busy = &self.busy;
+                    self.job.plan.next(|b| verifying && busy[b as usize])
+                }
+                Phase::Verify => {
+                    while self.verify_next < self.gens.len() && self.gens[self.verify_next] == 0 {
+                        self.verify_next += 1;
+                    }
+                    (self.verify_next < self.gens.len()).then(|| {
+                        self.verify_next += 1;
+                        Op {
+                            read: true,
+                            block: (self.verify_next - 1) as u64,
+                        }
+                    })
+                }
+            };
+            let Some(op) = op else { break };
+            free.pop();
+            let offset = self.job.base + op.block * self.job.stride;
+            let mut expect = 0;
+            if let Some(run_id) = self.job.verify {
+                let b = op.block as usize;
+                self.busy[b] = true;
+                self.slot_block[s] = Some(b);
+                if op.read {
+                    expect = self.gens[b];
+                } else {
+                    self.gens[b] = self.gens[b].wrapping_add(1).max(1);
+                    fill_pattern(&mut self.payloads[s], offset, run_id, self.gens[b]);
+                }
+            }
+            slots[s] = Slot {
+                start: now,
+                read: op.read,
+                offset,
+                expect,
+                phase: self.phase,
+            };
+            let header = RequestHeader {
+                flags: 0,
+                command: if op.read { NBD_CMD_READ } else { NBD_CMD_WRITE },
+                cookie: s as u64,
+                offset,
+                length: self.job.bs as u32,
+            }
+            .encode();
+            out.items.push_back(Queued {
+                slot: s,
+                read: op.read,
+                header,
+            });
+        }
+    }
+}
+
+enum Event {
+    Read(std::io::Result<usize>),
+    Wrote(std::io::Result<usize>),
+}
+
 /// Runs the job to completion on an open connection.
 pub async fn run(conn: Conn, job: Job, progress: Arc<Progress>) -> Result<ConnStats, BenchError> {
+    let io = |e: std::io::Error| BenchError::Io(e.to_string());
+    let Conn { mut rd, mut wr, .. } = conn;
+    let (bs, depth, verify, from) = (job.bs, job.iodepth, job.verify, job.record_from);
+    let mut issuer = Issuer::new(job);
     let now = Instant::now();
     let slot0 = Slot {
         start: now,
@@ -149,190 +325,9 @@ pub async fn run(conn: Conn, job: Job, progress: Arc<Progress>) -> Result<ConnSt
         expect: 0,
         phase: Phase::Main,
     };
-    let slots = Arc::new(Mutex::new(vec![slot0; job.iodepth]));
-    let (free_tx, free_rx) = mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let reader = tokio::spawn(reader(
-        conn.rd,
-        slots.clone(),
-        free_tx,
-        stop_rx,
-        job.bs,
-        job.verify,
-        progress,
-    ));
-    let written = writer(conn.wr, job, slots, free_rx, stop_tx).await;
-    let stats = reader.await.map_err(|e| BenchError::Io(e.to_string()))?;
-    // A reader error (the server closed) explains a writer error better than the writer's own.
-    let stats = stats?;
-    written?;
-    Ok(stats)
-}
-
-async fn writer(
-    mut wr: Writer,
-    mut job: Job,
-    slots: Arc<Mutex<Vec<Slot>>>,
-    mut free_rx: mpsc::UnboundedReceiver<usize>,
-    stop: oneshot::Sender<()>,
-) -> Result<(), BenchError> {
-    let io = |e: std::io::Error| BenchError::Io(e.to_string());
-    let depth = job.iodepth;
-    let verifying = job.verify.is_some();
-    // Verify bookkeeping: generation last written per block, and blocks with an I/O in flight.
-    let mut gens = vec![0u32; if verifying { job.blocks as usize } else { 0 }];
-    let mut busy = vec![false; gens.len()];
-    let mut slot_block = vec![None::<usize>; depth];
-    let mut payloads: Vec<Vec<u8>> = (0..if verifying { depth } else { 0 })
-        .map(|_| vec![0u8; job.bs])
-        .collect();
+    let mut slots = vec![slot0; depth];
     let mut free: Vec<usize> = (0..depth).rev().collect();
-    let mut phase = Phase::Main;
-    let mut verify_next = 0usize;
-    let mut headers: Vec<u8> = Vec::with_capacity(depth * 28);
-    let mut batch: Vec<(usize, bool)> = Vec::with_capacity(depth);
-
-    loop {
-        // Take back every slot the reader has finished with.
-        while let Ok(s) = free_rx.try_recv() {
-            free.push(s);
-        }
-        if free.is_empty() {
-            match free_rx.recv().await {
-                Some(s) => free.push(s),
-                None => return Ok(()), // the reader stopped: it reports why
-            }
-            continue;
-        }
-        for &s in &free {
-            if let Some(b) = slot_block[s].take() {
-                busy[b] = false;
-            }
-        }
-        headers.clear();
-        batch.clear();
-        let now = Instant::now();
-        {
-            let mut meta = slots.lock().expect("slot table lock");
-            while let Some(&s) = free.last() {
-                let op = match phase {
-                    Phase::Main => job.plan.next(|b| verifying && busy[b as usize]),
-                    Phase::Verify => {
-                        while verify_next < gens.len() && gens[verify_next] == 0 {
-                            verify_next += 1;
-                        }
-                        (verify_next < gens.len()).then(|| {
-                            verify_next += 1;
-                            Op {
-                                read: true,
-                                block: (verify_next - 1) as u64,
-                            }
-                        })
-                    }
-                };
-                let Some(op) = op else { break };
-                free.pop();
-                let offset = job.base + op.block * job.bs as u64;
-                let mut expect = 0;
-                if verifying {
-                    let b = op.block as usize;
-                    busy[b] = true;
-                    slot_block[s] = Some(b);
-                    if op.read {
-                        expect = gens[b];
-                    } else {
-                        gens[b] = gens[b].wrapping_add(1).max(1);
-                        fill_pattern(&mut payloads[s], offset, job.verify.unwrap_or(0), gens[b]);
-                    }
-                }
-                meta[s] = Slot {
-                    start: now,
-                    read: op.read,
-                    offset,
-                    expect,
-                    phase,
-                };
-                let cmd = if op.read { NBD_CMD_READ } else { NBD_CMD_WRITE };
-                let h = RequestHeader {
-                    flags: 0,
-                    command: cmd,
-                    cookie: s as u64,
-                    offset,
-                    length: job.bs as u32,
-                };
-                headers.extend_from_slice(&h.encode());
-                batch.push((s, op.read));
-            }
-        }
-        let in_flight = depth - free.len();
-        if batch.is_empty() {
-            if in_flight > 0 {
-                // The plan is paused (verify: only busy blocks left) or this phase is draining.
-                match free_rx.recv().await {
-                    Some(s) => free.push(s),
-                    None => return Ok(()),
-                }
-                continue;
-            }
-            if phase == Phase::Main && verifying {
-                phase = Phase::Verify;
-                continue;
-            }
-            break;
-        }
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-        for (i, &(s, read)) in batch.iter().enumerate() {
-            iov.push(IoSlice::new(&headers[i * 28..(i + 1) * 28]));
-            if !read {
-                let data = if verifying {
-                    &payloads[s][..]
-                } else {
-                    &job.filler[..]
-                };
-                iov.push(IoSlice::new(data));
-            }
-        }
-        write_all_vectored(&mut wr, &mut iov).await.map_err(io)?;
-    }
-    let _ = stop.send(());
-    let disc = RequestHeader {
-        flags: 0,
-        command: NBD_CMD_DISC,
-        cookie: u64::MAX,
-        offset: 0,
-        length: 0,
-    };
-    // The server may already be gone; the measurement is complete either way.
-    let _ = wr.write_all(&disc.encode()).await;
-    let _ = wr.shutdown().await;
-    Ok(())
-}
-
-async fn write_all_vectored(wr: &mut Writer, mut iov: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    while !iov.is_empty() {
-        let n = wr.write_vectored(iov).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut iov, n);
-    }
-    Ok(())
-}
-
-fn new_histogram() -> Histogram<u64> {
-    // Nanoseconds, 1 ns .. 100 s, 3 significant digits.
-    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
-}
-
-async fn reader(
-    mut rd: Reader,
-    slots: Arc<Mutex<Vec<Slot>>>,
-    free: mpsc::UnboundedSender<usize>,
-    mut stop: oneshot::Receiver<()>,
-    bs: usize,
-    verify: Option<u32>,
-    progress: Arc<Progress>,
-) -> Result<ConnStats, BenchError> {
+    let mut out = OutQueue::default();
     let mut st = ConnStats {
         read: new_histogram(),
         write: new_histogram(),
@@ -348,75 +343,118 @@ async fn reader(
     let chunk = (bs + SIMPLE_REPLY_LEN).max(256 * 1024);
     let mut buf = BytesMut::with_capacity(2 * chunk);
     loop {
-        // Take every complete reply in the buffer.
-        loop {
-            let (hlen, header) = match decode_reply_header(&buf) {
-                Ok(x) => x,
-                Err(crate::nbd::client::ClientError::Incomplete) => break,
-                Err(e) => return Err(BenchError::Protocol(e.to_string())),
-            };
-            let ReplyHeader::Simple { error, cookie } = header else {
-                return Err(BenchError::Protocol(
-                    "structured reply not negotiated".into(),
-                ));
-            };
-            let s = cookie as usize;
-            let slot = *slots
-                .lock()
-                .expect("slot table lock")
-                .get(s)
-                .ok_or_else(|| {
-                    BenchError::Protocol(format!("reply with unknown cookie {cookie}"))
-                })?;
-            let payload = if slot.read && error == 0 { bs } else { 0 };
-            if buf.len() < hlen + payload {
-                buf.reserve(hlen + payload - buf.len() + chunk);
-                break;
+        issuer.fill(&mut free, &mut slots, &mut out);
+        if free.len() == depth {
+            // Nothing queued, nothing in flight: this phase is over.
+            if issuer.phase == Phase::Main && verify.is_some() {
+                issuer.phase = Phase::Verify;
+                continue;
             }
-            let now = Instant::now();
-            if error != 0 {
-                st.errors += 1;
-            } else if let (true, Some(run_id)) = (slot.read, verify) {
-                let data = &buf[hlen..hlen + payload];
-                if slot.expect == 0 {
-                    st.unverified_reads += 1;
-                } else if let Some(m) = check_pattern(data, slot.offset, run_id, slot.expect) {
-                    st.mismatches += 1;
-                    if st.first_mismatches.len() < 5 {
-                        st.first_mismatches.push(m);
-                    }
-                } else {
-                    st.verified_blocks += 1;
-                }
-            }
-            buf.advance(hlen + payload);
-            if slot.phase == Phase::Main {
-                let ns = now.saturating_duration_since(slot.start).as_nanos() as u64;
-                if slot.read {
-                    st.read.saturating_record(ns.max(1));
-                    st.read_bytes += bs as u64;
-                } else {
-                    st.write.saturating_record(ns.max(1));
-                    st.write_bytes += bs as u64;
-                }
-                st.main_end = Some(now);
-                progress.ops.fetch_add(1, Ordering::Relaxed);
-                progress.bytes.fetch_add(bs as u64, Ordering::Relaxed);
-            }
-            // The writer may have finished already (after an error): nobody to tell.
-            let _ = free.send(s);
+            break;
         }
         if buf.capacity() - buf.len() < chunk / 2 {
             buf.reserve(chunk);
         }
-        tokio::select! {
-            biased;
-            _ = &mut stop => return Ok(st),
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => return Err(BenchError::Io("server closed the connection".into())),
-                Ok(_) => {}
-                Err(e) => return Err(BenchError::Io(e.to_string())),
-            },
+        let event = {
+            let iov = out.slices(&|s| issuer.payload(s));
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => Event::Read(r),
+                w = wr.write_vectored(&iov), if !iov.is_empty() => Event::Wrote(w),
+            }
+        };
+        match event {
+            Event::Wrote(w) => out.advance(w.map_err(io)?, bs),
+            Event::Read(Ok(0)) => {
+                return Err(BenchError::Io("server closed the connection".into()));
+            }
+            Event::Read(Err(e)) => return Err(io(e)),
+            Event::Read(Ok(_)) => {
+                while let Some(s) =
+                    take_reply(&mut buf, &slots, bs, verify, from, &mut st, &progress)?
+                {
+                    issuer.release(s);
+                    free.push(s);
+                }
+            }
         }
     }
+    let disc = RequestHeader {
+        flags: 0,
+        command: NBD_CMD_DISC,
+        cookie: u64::MAX,
+        offset: 0,
+        length: 0,
+    };
+    // The server may already be gone; the measurement is complete either way.
+    let _ = wr.write_all(&disc.encode()).await;
+    let _ = wr.shutdown().await;
+    Ok(st)
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // Nanoseconds, 1 ns .. 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Takes one complete reply (header and read data) off the front of `buf`, accounts for it and
+/// returns its slot; `None` when the buffer holds no complete reply yet.
+fn take_reply(
+    buf: &mut BytesMut,
+    slots: &[Slot],
+    bs: usize,
+    verify: Option<u32>,
+    record_from: Instant,
+    st: &mut ConnStats,
+    progress: &Progress,
+) -> Result<Option<usize>, BenchError> {
+    let (hlen, header) = match decode_reply_header(buf) {
+        Ok(x) => x,
+        Err(ClientError::Incomplete) => return Ok(None),
+        Err(e) => return Err(BenchError::Protocol(e.to_string())),
+    };
+    let ReplyHeader::Simple { error, cookie } = header else {
+        return Err(BenchError::Protocol(
+            "structured reply not negotiated".into(),
+        ));
+    };
+    let s = cookie as usize;
+    let slot = *slots
+        .get(s)
+        .ok_or_else(|| BenchError::Protocol(format!("reply with unknown cookie {cookie}")))?;
+    let payload = if slot.read && error == 0 { bs } else { 0 };
+    if buf.len() < hlen + payload {
+        buf.reserve(hlen + payload - buf.len());
+        return Ok(None);
+    }
+    let now = Instant::now();
+    if error != 0 {
+        st.errors += 1;
+    } else if let (true, Some(run_id)) = (slot.read, verify) {
+        let data = &buf[hlen..hlen + payload];
+        if slot.expect == 0 {
+            st.unverified_reads += 1;
+        } else if let Some(m) = check_pattern(data, slot.offset, run_id, slot.expect) {
+            st.mismatches += 1;
+            if st.first_mismatches.len() < 5 {
+                st.first_mismatches.push(m);
+            }
+        } else {
+            st.verified_blocks += 1;
+        }
+    }
+    buf.advance(hlen + payload);
+    if slot.phase == Phase::Main && slot.start >= record_from {
+        let ns = now.saturating_duration_since(slot.start).as_nanos() as u64;
+        if slot.read {
+            st.read.saturating_record(ns.max(1));
+            st.read_bytes += bs as u64;
+        } else {
+            st.write.saturating_record(ns.max(1));
+            st.write_bytes += bs as u64;
+        }
+        st.main_end = Some(now);
+        progress.ops.fetch_add(1, Ordering::Relaxed);
+        progress.bytes.fetch_add(bs as u64, Ordering::Relaxed);
+    }
+    Ok(Some(s))
 }

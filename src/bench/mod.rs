@@ -5,8 +5,11 @@
 //!   run ─▶ measure ─▶ N × conn::connect ─▶ N × conn::run (writer + reader tasks) ─▶ Report
 //!                           (URI)              (workload::Plan, verify pattern)     (report.rs)
 //! ```
-//! Offsets: sequential and verified workloads split the export into one stripe per connection;
-//! unverified random ones spread over the whole export. Latency is measured from the moment a
+//! Offsets: sequential workloads split the export into one contiguous stripe per connection;
+//! verified ones interleave the connections' blocks (block i belongs to connection i mod N), so
+//! that with blocks smaller than a sector several connections write into the same sector at
+//! once while each block keeps a single writer; unverified random ones spread over the whole
+//! export. Latency is measured from the moment a
 //! request is queued for sending to the moment its whole reply has arrived.
 
 mod conn;
@@ -49,6 +52,9 @@ pub struct BenchArgs {
     /// Run for this long (e.g. 10s, 500ms, 1m); default: one pass over the export.
     #[arg(long, value_parser = parse_duration, conflicts_with = "size")]
     pub time: Option<Duration>,
+    /// With --time: run this long first without measuring (e.g. 2s).
+    #[arg(long, value_parser = parse_duration, requires = "time")]
+    pub ramp: Option<Duration>,
     /// Move this many bytes in total (e.g. 1G); default: the export size.
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
@@ -175,13 +181,14 @@ async fn measure_async(
     }
 
     let start = Instant::now();
+    let ramp = args.ramp.unwrap_or_default();
     let total_bytes = match (args.time, args.size) {
         (Some(_), _) => None,
         (None, Some(size)) => Some(size),
         (None, None) => Some(neg.size),
     };
     let bound = |i: u64| match (args.time, total_bytes) {
-        (Some(t), _) => Bound::Until(start + t),
+        (Some(t), _) => Bound::Until(start + ramp + t),
         (None, Some(b)) => {
             let ops = b / bs;
             Bound::Ops(ops / n + u64::from(i < ops % n))
@@ -235,11 +242,17 @@ async fn measure_async(
                 bound(i),
                 seed ^ (i + 1),
             ),
-            base: if striped { i * stripe_blocks * bs } else { 0 },
+            base: match (args.verify, striped) {
+                (true, _) => i * bs,
+                (false, true) => i * stripe_blocks * bs,
+                (false, false) => 0,
+            },
+            stride: if args.verify { n * bs } else { bs },
             bs: bs as usize,
             iodepth: args.iodepth as usize,
             verify: args.verify.then_some(run_id),
             blocks: stripe_blocks,
+            record_from: start + ramp,
             filler: filler.clone(),
         };
         tasks.push(tokio::spawn(conn::run(c, job, progress.clone())));
@@ -267,12 +280,18 @@ async fn measure_async(
     if let Some(e) = first_err {
         return Err(e);
     }
-    Ok(Report::new(args, &neg, start, &stats))
+    Ok(Report::new(args, &neg, start + ramp, &stats))
 }
 
 fn progress_bar(args: &BenchArgs, total_bytes: Option<u64>) -> indicatif::ProgressBar {
     let (len, style) = match (args.time, total_bytes) {
-        (Some(t), _) => (t.as_millis() as u64, "{elapsed_precise} [{bar:30}] {msg}"),
+        (Some(t), _) => {
+            let total = t + args.ramp.unwrap_or_default();
+            (
+                total.as_millis() as u64,
+                "{elapsed_precise} [{bar:30}] {msg}",
+            )
+        }
         (None, b) => (
             b.unwrap_or(0),
             "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {msg}",

@@ -19,7 +19,7 @@ pub struct Report {
     pub iodepth: u32,
     pub connections: u32,
     pub export_size: u64,
-    /// Seconds from the first request to the last main-phase reply.
+    /// Seconds from the first measured request (after the ramp) to the last main-phase reply.
     pub elapsed_s: f64,
     pub read: Option<Direction>,
     pub write: Option<Direction>,
