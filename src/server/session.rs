@@ -55,13 +55,16 @@ pub async fn run(
     mut peer: Peer,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    stream.write_all(&handshake::greeting()).await?;
-    let mut flags = [0u8; 4];
-    tokio::time::timeout(cfg.handshake_timeout, stream.read_exact(&mut flags))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
-    let client = handshake::parse_client_flags(&flags).map_err(invalid)?;
+    // One deadline for the whole handshake, greeting and client flags included.
     let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+    let mut flags = [0u8; 4];
+    tokio::time::timeout_at(deadline, async {
+        stream.write_all(&handshake::greeting()).await?;
+        stream.read_exact(&mut flags).await
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+    let client = handshake::parse_client_flags(&flags).map_err(invalid)?;
     loop {
         let outcome = tokio::time::timeout_at(
             deadline,
