@@ -57,21 +57,28 @@ pub async fn run(
 ) -> io::Result<()> {
     // One deadline for the whole handshake, greeting and client flags included.
     let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+    // Server shutdown ends a session still in the handshake at once (it would otherwise
+    // hold `serve` up to the deadline).
+    let mut stop = shutdown.clone();
     let mut flags = [0u8; 4];
-    tokio::time::timeout_at(deadline, async {
-        stream.write_all(&handshake::greeting()).await?;
-        stream.read_exact(&mut flags).await
-    })
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, async {
+            stream.write_all(&handshake::greeting()).await?;
+            stream.read_exact(&mut flags).await
+        }) => {
+            r.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        }
+        _ = wait_true(&mut stop) => return Ok(()),
+    }
     let client = handshake::parse_client_flags(&flags).map_err(invalid)?;
     loop {
-        let outcome = tokio::time::timeout_at(
-            deadline,
-            negotiate(&mut stream, &*registry, &cfg, &peer, client.no_zeroes),
-        )
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        let outcome = tokio::select! {
+            r = tokio::time::timeout_at(
+                deadline,
+                negotiate(&mut stream, &*registry, &cfg, &peer, client.no_zeroes),
+            ) => r.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??,
+            _ = wait_true(&mut stop) => return Ok(()),
+        };
         match outcome {
             Outcome::Close => return Ok(()),
             Outcome::StartTls => {
