@@ -876,3 +876,23 @@ fn bad_option_magic_closes() {
     let mut e = srv.connect();
     e.go("mem", false, false);
 }
+
+#[test]
+fn shutdown_ends_sessions_in_every_phase() {
+    let mut srv = TestServer::start();
+    // One idle in the handshake, one idle in transmission, one mid-request-stream.
+    let mut hs = srv.connect();
+    hs.send_flags();
+    let mut idle = srv.connect();
+    idle.go("mem", false, false);
+    let mut busy = srv.connect();
+    busy.go("mem", false, false);
+    assert_eq!(busy.write_simple(1, 0, &[1; 4096]), 0);
+    let took = srv
+        .shutdown_within(Duration::from_secs(5))
+        .expect("serve returns after shutdown, not after the handshake deadline");
+    eprintln!("serve returned {took:?} after shutdown");
+    hs.expect_closed();
+    idle.expect_closed();
+    busy.expect_closed();
+}

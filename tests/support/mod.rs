@@ -82,6 +82,7 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     shutdown: tokio::sync::watch::Sender<bool>,
     rt: Option<tokio::runtime::Runtime>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl TestServer {
@@ -119,7 +120,7 @@ impl TestServer {
             tokio::net::UnixListener::bind(&sock).expect("bind")
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
-        rt.spawn(server::serve(
+        let served = rt.spawn(server::serve(
             vec![Listener::Unix(listener)],
             Arc::new(reg),
             cfg,
@@ -130,6 +131,7 @@ impl TestServer {
             dir,
             shutdown: tx,
             rt: Some(rt),
+            served: Some(served),
         }
     }
 
@@ -148,6 +150,23 @@ impl TestServer {
     /// The NBD URI of an export, for libnbd-based clients.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+}
+
+impl TestServer {
+    /// Signals shutdown and waits (up to `limit`) for `serve` to return; returns how long
+    /// it took, or None if it had not returned by then.
+    pub fn shutdown_within(&mut self, limit: Duration) -> Option<Duration> {
+        let t = std::time::Instant::now();
+        let _ = self.shutdown.send(true);
+        let handle = self.served.take()?;
+        let rt = self.rt.as_ref()?;
+        rt.block_on(async { tokio::time::timeout(limit, handle).await })
+            .ok()
+            .map(|r| {
+                r.expect("serve task").expect("serve result");
+                t.elapsed()
+            })
     }
 }
 
