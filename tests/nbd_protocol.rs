@@ -896,3 +896,66 @@ fn shutdown_ends_sessions_in_every_phase() {
     idle.expect_closed();
     busy.expect_closed();
 }
+
+#[test]
+fn export_name_without_no_zeroes_sends_124_zero_bytes() {
+    // nbd-client style: FIXED_NEWSTYLE only (no NO_ZEROES), straight to EXPORT_NAME.
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.write(&1u32.to_be_bytes());
+    c.send_opt(OPT_EXPORT_NAME, b"ro");
+    let r = c.read_n(10 + 124);
+    assert_eq!(be64(&r[0..8]), MIB);
+    assert_ne!(be16(&r[8..10]) & TF_READ_ONLY, 0);
+    assert!(r[10..].iter().all(|b| *b == 0), "124 zero bytes");
+    assert_eq!(c.read_simple(1, 512, 512).unwrap(), vec![0; 512]);
+    // Non-fixed newstyle client (flags 0) and the empty (default) name are refused here
+    // because two exports exist: the connection closes without size.
+    let mut d = srv.connect();
+    d.write(&0u32.to_be_bytes());
+    d.send_opt(OPT_EXPORT_NAME, b"");
+    d.expect_closed();
+}
+
+#[test]
+fn default_export_name_with_a_single_export() {
+    let (srv, _) = TestServer::start_mem(2 * MIB);
+    let mut c = srv.connect();
+    c.send_flags();
+    let r = c.opt(OPT_GO, &info_payload("", &[INFO_NAME]));
+    assert_eq!(r.last().unwrap().reply, REP_ACK);
+    let name = r.iter().find(|x| be16(&x.data) == INFO_NAME).unwrap();
+    assert_eq!(
+        &name.data[2..],
+        b"mem",
+        "canonical name of the default export"
+    );
+}
+
+#[test]
+fn read_only_export_block_size_follows_its_sector_size() {
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.send_flags();
+    let r = c.opt(OPT_INFO, &info_payload("ro", &[INFO_BLOCK_SIZE]));
+    let b = r.iter().find(|x| be16(&x.data) == INFO_BLOCK_SIZE).unwrap();
+    assert_eq!(
+        (be32(&b.data[2..]), be32(&b.data[6..]), be32(&b.data[10..])),
+        (1, 512, 32 << 20)
+    );
+}
+
+#[test]
+fn multi_conn_writes_visible_on_other_connections_after_reply() {
+    let srv = TestServer::start();
+    let mut a = srv.connect();
+    let (_, fa) = a.go("mem", false, false);
+    let mut b = srv.connect();
+    b.go("mem", true, false);
+    assert_ne!(fa & TF_CAN_MULTI_CONN, 0);
+    let d = pattern(9, 12_345);
+    assert_eq!(a.write_simple(1, 777, &d), 0);
+    b.send_req(0, CMD_FLUSH, 2, 0, 0);
+    assert_eq!(b.chunks()[0].error(), 0);
+    assert_eq!(b.read_structured(3, 777, 12_345).unwrap(), d);
+}
