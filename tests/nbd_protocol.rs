@@ -959,3 +959,79 @@ fn multi_conn_writes_visible_on_other_connections_after_reply() {
     assert_eq!(b.chunks()[0].error(), 0);
     assert_eq!(b.read_structured(3, 777, 12_345).unwrap(), d);
 }
+
+#[test]
+fn non_reading_clients_do_not_starve_other_connections() {
+    // Each connection may have its replies stuck behind a client that does not read. That
+    // must cost the server memory within the per-connection bounds, not shared worker
+    // threads: ten such clients, then a well-behaved one must still be served promptly.
+    let srv = TestServer::start();
+    let mut hostile = Vec::new();
+    for _ in 0..10 {
+        let mut h = srv.connect();
+        h.go("mem", false, false);
+        let mut batch = Vec::new();
+        for i in 0..200u64 {
+            batch.extend(Conn::request_bytes(0, CMD_READ, i, 0, 65536));
+        }
+        h.write(&batch);
+        hostile.push(h);
+    }
+    let mut good = srv.connect();
+    good.go("mem", false, false);
+    good.s
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let t = Instant::now();
+    assert_eq!(good.write_simple(1, 0, &[4; 4096]), 0);
+    assert_eq!(good.read_simple(2, 0, 4096).unwrap(), vec![4; 4096]);
+    eprintln!("served beside 10 non-reading clients in {:?}", t.elapsed());
+    drop(hostile);
+}
+
+/// Panics on any read at offset 4096 (a backend bug), otherwise a RAM disk.
+struct PanickyBackend(cryptvol::server::MemBackend);
+
+impl cryptvol::server::Backend for PanickyBackend {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn preferred_block_size(&self) -> u32 {
+        self.0.preferred_block_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        assert_ne!(offset, 4096, "injected backend bug");
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> std::io::Result<()> {
+        self.0.write(offset, data, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.0.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, may_trim: bool, fua: bool) -> std::io::Result<()> {
+        self.0.write_zeroes(o, l, may_trim, fua)
+    }
+    fn extents(&self, o: u64, l: u64) -> std::io::Result<Vec<cryptvol::server::Extent>> {
+        self.0.extents(o, l)
+    }
+}
+
+#[test]
+fn backend_panic_becomes_eio_and_the_connection_goes_on() {
+    use cryptvol::server::{MemBackend, StaticRegistry};
+    let b = std::sync::Arc::new(PanickyBackend(MemBackend::new(MIB, 4096)));
+    let reg = StaticRegistry::new().with("mem", b, false);
+    let srv = TestServer::start_registry(ServerConfig::default(), reg);
+    let mut c = srv.connect();
+    c.go("mem", true, false);
+    assert_eq!(c.read_structured(1, 4096, 512), Err(5), "EIO");
+    assert_eq!(c.read_structured(2, 0, 512).unwrap(), vec![0; 512]);
+    let mut d = srv.connect();
+    d.go("mem", false, false);
+    assert_eq!(d.read_simple(1, 4096, 512), Err(5));
+    assert_eq!(d.read_simple(2, 8192, 512).unwrap(), vec![0; 512]);
+}

@@ -650,10 +650,25 @@ async fn transmission(
         let backend = backend.clone();
         let reply_tx = reply_tx.clone();
         let cookie = h.cookie;
+        // The blocking pool is shared by every connection, so a blocking thread only runs
+        // the backend call: when this connection's reply queue is full (a client that does
+        // not read its replies), the wait for room moves to a cheap async task. Before, each
+        // such wait parked a blocking thread, and ten non-reading clients took all of them.
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let reply = execute(&*backend, cmd, cookie, payload, structured);
-            let _ = reply_tx.blocking_send((reply, budget));
-            drop(permit);
+            let run = || execute(&*backend, cmd, cookie, payload, structured);
+            let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                // A panicking backend: answer the request rather than leave it hanging.
+                .unwrap_or_else(|_| error_reply(cookie, NBD_EIO, structured, "internal error"));
+            match reply_tx.try_send((reply, budget)) {
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    rt.spawn(async move {
+                        let _ = reply_tx.send(item).await;
+                        drop(permit);
+                    });
+                }
+                _ => drop(permit),
+            }
         });
     };
     // Let in-flight requests finish (their replies still go out), then close.
