@@ -1035,3 +1035,38 @@ fn backend_panic_becomes_eio_and_the_connection_goes_on() {
     assert_eq!(d.read_simple(1, 4096, 512), Err(5));
     assert_eq!(d.read_simple(2, 8192, 512).unwrap(), vec![0; 512]);
 }
+
+#[test]
+fn max_connections_queues_the_next_client_until_a_slot_frees() {
+    let cfg = ServerConfig {
+        max_connections: 4,
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(cfg, MIB);
+    let mut held: Vec<Conn> = (0..4)
+        .map(|_| {
+            let mut c = srv.connect();
+            c.go("mem", false, false);
+            c
+        })
+        .collect();
+    // The fifth waits in the backlog: no greeting while all slots are taken.
+    let mut fifth = std::os::unix::net::UnixStream::connect(&srv.sock).unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut g = [0u8; 18];
+    let early = std::io::Read::read_exact(&mut fifth, &mut g);
+    assert!(early.is_err(), "served beyond max_connections");
+    // A client leaves (DISC): its slot goes to the fifth.
+    let mut gone = held.pop().unwrap();
+    gone.send_req(0, CMD_DISC, 0, 0, 0);
+    gone.expect_closed();
+    fifth.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Read::read_exact(&mut fifth, &mut g).unwrap();
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    let mut c = Conn { s: fifth };
+    c.go("mem", false, false);
+    assert_eq!(c.read_simple(1, 0, 8).unwrap(), vec![0; 8]);
+    assert_eq!(held[0].read_simple(1, 0, 8).unwrap(), vec![0; 8]);
+}
