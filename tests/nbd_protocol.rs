@@ -643,43 +643,6 @@ fn hostile_client_does_not_affect_another_connection() {
 }
 
 #[test]
-fn many_idle_connections_do_not_block_new_clients() {
-    let srv = TestServer::start_with(ServerConfig::default(), MIB);
-    let before = rss_kib();
-    // CRYPTVOL_IDLE_CONNECTIONS=1000 for the issue-7 measurement (default 200).
-    let n: usize = std::env::var("CRYPTVOL_IDLE_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let mut idle = Vec::new();
-    for i in 0..n {
-        let mut c = srv.connect();
-        if i % 2 == 0 {
-            c.go("mem", false, false); // idle in transmission
-        } else {
-            c.send_flags(); // idle in the handshake
-        }
-        idle.push(c);
-    }
-    let t = Instant::now();
-    let mut c = srv.connect();
-    c.go("mem", false, false);
-    assert_eq!(c.write_simple(1, 0, &[3; 4096]), 0);
-    assert_eq!(c.read_simple(2, 0, 4096).unwrap(), vec![3; 4096]);
-    let served = t.elapsed();
-    assert!(served < Duration::from_secs(5));
-    if let (Some(b), Some(a)) = (before, rss_kib()) {
-        eprintln!(
-            "RSS with {n} idle connections (half in transmission, half in the handshake): \
-             {a} KiB total, +{} KiB over {b} KiB before; new client served in {served:?}",
-            a.saturating_sub(b)
-        );
-    }
-    // The idle ones still work.
-    assert_eq!(idle[0].read_simple(3, 0, 4096).unwrap(), vec![3; 4096]);
-}
-
-#[test]
 fn fua_accepted_on_every_command() {
     // SEND_FUA is advertised, so the server MUST accept FUA on any command (even ignoring it);
     // clients are known to set it on FLUSH.
@@ -798,63 +761,23 @@ fn meta_context_only_for_the_export_it_named() {
 }
 
 #[test]
-fn client_that_never_reads_replies_cannot_balloon_server_memory() {
-    // 40 pipelined 32 MiB READs (1.25 GiB of replies) and no reading: the server must stop
-    // taking requests once its per-connection buffer budget is held, not queue them all.
-    let srv = TestServer::start();
-    let mut c = srv.connect();
-    c.go("mem", false, false);
-    // Settle the runtime's own allocations first.
-    let mut other = srv.connect();
-    other.go("mem", false, false);
-    assert_eq!(other.read_simple(1, 0, 32 << 20).unwrap().len(), 32 << 20);
-    let before = rss_kib().unwrap_or(0);
-    let n = 40u64;
-    for i in 0..n {
-        c.send_req(0, CMD_READ, i, 0, 32 << 20);
-    }
-    // Memory growth is only visible over time: sample for a while.
-    let mut peak = 0;
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(1500) {
-        peak = peak.max(rss_kib().unwrap_or(0).saturating_sub(before));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("RSS growth with a non-reading client (40 x 32 MiB READs queued): {peak} KiB");
-    assert!(
-        peak < 256 * 1024,
-        "server buffered {} MiB for one non-reading client",
-        peak / 1024
-    );
-    // Other clients are served meanwhile.
-    assert_eq!(other.write_simple(2, 4096, &[1; 4096]), 0);
-    // The slow client gets every reply once it reads.
-    let mut seen = HashSet::new();
-    for _ in 0..n {
-        let r = c.read_reply(|_| 32 << 20);
-        assert_eq!(r.error(), 0);
-        seen.insert(r.cookie());
-    }
-    assert_eq!(seen.len(), n as usize);
-}
-
-#[test]
 fn handshake_deadline_covers_the_whole_handshake() {
     // One deadline from accept: sending the client flags late must not restart the clock.
     let cfg = ServerConfig {
-        handshake_timeout: Duration::from_millis(1000),
+        handshake_timeout: Duration::from_millis(2000),
         ..ServerConfig::default()
     };
     let srv = TestServer::start_with(cfg, MIB);
     let t = Instant::now();
     let mut c = srv.connect();
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(1400));
     c.send_flags();
     c.expect_closed();
     let took = t.elapsed();
+    // A clock restarted at the flags would close at 3.4 s.
     assert!(
-        took < Duration::from_millis(1500),
-        "closed after {took:?}, deadline 1 s"
+        took < Duration::from_millis(2900),
+        "closed after {took:?}, deadline 2 s"
     );
 }
 
@@ -1062,7 +985,9 @@ fn max_connections_queues_the_next_client_until_a_slot_frees() {
     let mut gone = held.pop().unwrap();
     gone.send_req(0, CMD_DISC, 0, 0, 0);
     gone.expect_closed();
-    fifth.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     std::io::Read::read_exact(&mut fifth, &mut g).unwrap();
     assert_eq!(&g[..8], b"NBDMAGIC");
     let mut c = Conn { s: fifth };
