@@ -448,3 +448,29 @@ fn nbdfuse_loop_ext4_fsck() {
     }
     drop(stack);
 }
+
+#[test]
+fn tcp_listener_with_libnbd_and_qemu() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let (_srv, addr) = TestServer::start_tcp(16 * MIB);
+    let uri = format!("nbd://{addr}/mem");
+    let json = run_ok(30, &["nbdinfo", "--json", &uri]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["exports"][0]["export-size"], 16 * MIB);
+    let out = run_ok(
+        60,
+        &[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 1M 64k",
+            "-c",
+            "read -P 0x3c 1M 64k",
+            &uri,
+        ],
+    );
+    assert!(!out.contains("fail"), "{out}");
+}
