@@ -995,3 +995,37 @@ fn max_connections_queues_the_next_client_until_a_slot_frees() {
     assert_eq!(c.read_simple(1, 0, 8).unwrap(), vec![0; 8]);
     assert_eq!(held[0].read_simple(1, 0, 8).unwrap(), vec![0; 8]);
 }
+
+#[test]
+fn structured_read_errors_are_never_simple_replies() {
+    // "MUST NOT use a simple reply for NBD_CMD_READ (even for an early EINVAL)".
+    let srv = TestServer::start();
+    let mut c = srv.connect();
+    c.go("mem", true, false);
+    for (i, (flags, off, len, want)) in [
+        (1u16 << 12, 0u64, 512u32, EINVAL), // unknown flag
+        (FLAG_REQ_ONE, 0, 512, EINVAL),     // flag of another command
+        (0, 64 * MIB, 1, EINVAL),           // out of range
+        (0, 1 << 63, 512, EINVAL),          // offset 2^63
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        c.send_req(flags, CMD_READ, i as u64, off, len);
+        let ch = c.chunks();
+        assert_eq!(ch.len(), 1);
+        match &ch[0] {
+            Reply::Chunk {
+                flags, ty, payload, ..
+            } => {
+                assert_eq!(*ty, REPLY_ERROR);
+                assert_ne!(flags & REPLY_FLAG_DONE, 0);
+                assert_eq!(be32(payload), want);
+                let msg_len = be16(&payload[4..]) as usize;
+                assert_eq!(payload.len(), 6 + msg_len, "message length consistent");
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    assert_eq!(c.read_structured(9, 0, 4).unwrap(), vec![0; 4]);
+}
