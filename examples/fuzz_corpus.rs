@@ -5,7 +5,9 @@ use cryptvol::kms::{envelope, wrap};
 use cryptvol::volume::VolumeHeader;
 
 fn put(target: &str, name: &str, bytes: &[u8]) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     std::fs::create_dir_all(&dir).expect("corpus dir");
     std::fs::write(dir.join(name), bytes).expect("write seed");
 }
@@ -31,7 +33,15 @@ fn main() {
     req.extend_from_slice(&4096u64.to_be_bytes());
     req.extend_from_slice(&512u32.to_be_bytes());
     put("nbd_request", "write_fua", &req);
-    let h = VolumeHeader::new(uuid::Uuid::from_u128(1), 1 << 30, 4096, "key", 1, vec![9; 100]).expect("header");
+    let h = VolumeHeader::new(
+        uuid::Uuid::from_u128(1),
+        1 << 30,
+        4096,
+        "key",
+        1,
+        vec![9; 100],
+    )
+    .expect("header");
     let copy = h.encode().expect("encode");
     put("volume_header", "copy", &copy);
     let ctx = wrap::EncryptionContext::new();

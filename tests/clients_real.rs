@@ -111,6 +111,34 @@ fn nbdinfo_list_and_json() {
 }
 
 #[test]
+fn nbdinfo_map_reports_holes_and_data() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let (srv, b) = TestServer::start_mem(MIB);
+    b.write(8192, &mut [1u8; 4096], false).unwrap();
+    let json = run_ok(30, &["nbdinfo", "--map", "--json", &srv.uri("mem")]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("nbdinfo --map --json");
+    let map: Vec<(u64, u64, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        map,
+        [(0, 8192, 3), (8192, 4096, 0), (12288, MIB - 12288, 3)],
+        "hole,zero / data / hole,zero"
+    );
+}
+
+#[test]
 fn python_libnbd_structured_and_simple() {
     let py = std::env::var("CRYPTVOL_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
     let probe = run(30, &[&py, "-c", "import nbd"]);
@@ -419,4 +447,30 @@ fn nbdfuse_loop_ext4_fsck() {
         );
     }
     drop(stack);
+}
+
+#[test]
+fn tcp_listener_with_libnbd_and_qemu() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let (_srv, addr) = TestServer::start_tcp(16 * MIB);
+    let uri = format!("nbd://{addr}/mem");
+    let json = run_ok(30, &["nbdinfo", "--json", &uri]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["exports"][0]["export-size"], 16 * MIB);
+    let out = run_ok(
+        60,
+        &[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 1M 64k",
+            "-c",
+            "read -P 0x3c 1M 64k",
+            &uri,
+        ],
+    );
+    assert!(!out.contains("fail"), "{out}");
 }

@@ -55,20 +55,30 @@ pub async fn run(
     mut peer: Peer,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    stream.write_all(&handshake::greeting()).await?;
-    let mut flags = [0u8; 4];
-    tokio::time::timeout(cfg.handshake_timeout, stream.read_exact(&mut flags))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
-    let client = handshake::parse_client_flags(&flags).map_err(invalid)?;
+    // One deadline for the whole handshake, greeting and client flags included.
     let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+    // Server shutdown ends a session still in the handshake at once (it would otherwise
+    // hold `serve` up to the deadline).
+    let mut stop = shutdown.clone();
+    let mut flags = [0u8; 4];
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, async {
+            stream.write_all(&handshake::greeting()).await?;
+            stream.read_exact(&mut flags).await
+        }) => {
+            r.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        }
+        _ = wait_true(&mut stop) => return Ok(()),
+    }
+    let client = handshake::parse_client_flags(&flags).map_err(invalid)?;
     loop {
-        let outcome = tokio::time::timeout_at(
-            deadline,
-            negotiate(&mut stream, &*registry, &cfg, &peer, client.no_zeroes),
-        )
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        let outcome = tokio::select! {
+            r = tokio::time::timeout_at(
+                deadline,
+                negotiate(&mut stream, &*registry, &cfg, &peer, client.no_zeroes),
+            ) => r.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??,
+            _ = wait_true(&mut stop) => return Ok(()),
+        };
         match outcome {
             Outcome::Close => return Ok(()),
             Outcome::StartTls => {
@@ -647,7 +657,7 @@ async fn transmission(
         if runs_inline(&cmd) {
             // Small requests are cheaper to serve here than to hand to another thread and back:
             // 4 KiB of XTS is about a microsecond, a thread handoff several.
-            let reply = execute(&*backend, cmd, cookie, payload, structured);
+            let reply = execute_guarded(&*backend, cmd, cookie, payload, structured);
             if reply_tx.send((reply, budget)).await.is_err() {
                 break Ok(());
             }
@@ -660,10 +670,22 @@ async fn transmission(
             .expect("semaphore never closed");
         let backend = backend.clone();
         let reply_tx = reply_tx.clone();
+        // The blocking pool is shared by every connection, so a blocking thread only runs
+        // the backend call: when this connection's reply queue is full (a client that does
+        // not read its replies), the wait for room moves to a cheap async task. Before, each
+        // such wait parked a blocking thread, and ten non-reading clients took all of them.
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let reply = execute(&*backend, cmd, cookie, payload, structured);
-            let _ = reply_tx.blocking_send((reply, budget));
-            drop(permit);
+            let reply = execute_guarded(&*backend, cmd, cookie, payload, structured);
+            match reply_tx.try_send((reply, budget)) {
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    rt.spawn(async move {
+                        let _ = reply_tx.send(item).await;
+                        drop(permit);
+                    });
+                }
+                _ => drop(permit),
+            }
         });
     };
     // Let in-flight requests finish (their replies still go out), then close.
@@ -675,6 +697,19 @@ async fn transmission(
         Ok(Err(e)) if result.is_ok() => Err(e),
         _ => result,
     }
+}
+
+/// [`execute`], with a panicking backend answered by EIO rather than a hanging request.
+fn execute_guarded(
+    backend: &dyn Backend,
+    cmd: Command,
+    cookie: u64,
+    payload: Vec<u8>,
+    structured: bool,
+) -> Reply {
+    let run = || execute(backend, cmd, cookie, payload, structured);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| error_reply(cookie, NBD_EIO, structured, "internal error"))
 }
 
 /// Requests served on the session task: small, and never waiting for the disk (no FLUSH, no

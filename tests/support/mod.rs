@@ -82,6 +82,7 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     shutdown: tokio::sync::watch::Sender<bool>,
     rt: Option<tokio::runtime::Runtime>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl TestServer {
@@ -105,6 +106,21 @@ impl TestServer {
     }
 
     pub fn start_registry(cfg: ServerConfig, reg: StaticRegistry) -> TestServer {
+        TestServer::start_listening(cfg, reg, false).0
+    }
+
+    /// Also listens on TCP 127.0.0.1 (an ephemeral port, returned).
+    pub fn start_tcp(size: u64) -> (TestServer, std::net::SocketAddr) {
+        let reg = StaticRegistry::new().with("mem", Arc::new(MemBackend::new(size, 4096)), false);
+        let (s, a) = TestServer::start_listening(ServerConfig::default(), reg, true);
+        (s, a.expect("tcp address"))
+    }
+
+    fn start_listening(
+        cfg: ServerConfig,
+        reg: StaticRegistry,
+        tcp: bool,
+    ) -> (TestServer, Option<std::net::SocketAddr>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("nbd.sock");
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -114,23 +130,32 @@ impl TestServer {
             .expect("runtime");
         // Bound before `serve` runs: connections queue in the backlog, so the socket is ready
         // as soon as this returns (no sleeping).
-        let listener = {
+        let mut listeners = Vec::new();
+        let mut tcp_addr = None;
+        {
             let _g = rt.enter();
-            tokio::net::UnixListener::bind(&sock).expect("bind")
-        };
+            listeners.push(Listener::Unix(
+                tokio::net::UnixListener::bind(&sock).expect("bind"),
+            ));
+            if tcp {
+                let std_l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+                std_l.set_nonblocking(true).unwrap();
+                tcp_addr = Some(std_l.local_addr().unwrap());
+                listeners.push(Listener::Tcp(
+                    tokio::net::TcpListener::from_std(std_l).unwrap(),
+                ));
+            }
+        }
         let (tx, rx) = tokio::sync::watch::channel(false);
-        rt.spawn(server::serve(
-            vec![Listener::Unix(listener)],
-            Arc::new(reg),
-            cfg,
-            rx,
-        ));
-        TestServer {
+        let served = rt.spawn(server::serve(listeners, Arc::new(reg), cfg, rx));
+        let srv = TestServer {
             sock,
             dir,
             shutdown: tx,
             rt: Some(rt),
-        }
+            served: Some(served),
+        };
+        (srv, tcp_addr)
     }
 
     /// A raw connection with the greeting already read and checked.
@@ -148,6 +173,23 @@ impl TestServer {
     /// The NBD URI of an export, for libnbd-based clients.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+}
+
+impl TestServer {
+    /// Signals shutdown and waits (up to `limit`) for `serve` to return; returns how long
+    /// it took, or None if it had not returned by then.
+    pub fn shutdown_within(&mut self, limit: Duration) -> Option<Duration> {
+        let t = std::time::Instant::now();
+        let _ = self.shutdown.send(true);
+        let handle = self.served.take()?;
+        let rt = self.rt.as_ref()?;
+        rt.block_on(async { tokio::time::timeout(limit, handle).await })
+            .ok()
+            .map(|r| {
+                r.expect("serve task").expect("serve result");
+                t.elapsed()
+            })
     }
 }
 
