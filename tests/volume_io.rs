@@ -19,36 +19,12 @@ fn header(size: u64, sector: u32) -> VolumeHeader {
 }
 
 /// A volume over an in-memory store that the test can still inspect.
-struct Shared(Arc<MemStore>);
-impl BlockStore for Shared {
-    fn read_at(&self, b: &mut [u8], o: u64) -> std::io::Result<()> {
-        self.0.read_at(b, o)
-    }
-    fn write_at(&self, b: &[u8], o: u64) -> std::io::Result<()> {
-        self.0.write_at(b, o)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.0.sync()
-    }
-    fn punch_hole(&self, o: u64, l: u64) -> std::io::Result<()> {
-        self.0.punch_hole(o, l)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, l: u64) -> std::io::Result<()> {
-        self.0.set_len(l)
-    }
-    fn allocation(&self, o: u64, l: u64) -> std::io::Result<Vec<(u64, bool)>> {
-        self.0.allocation(o, l)
-    }
-}
 
 fn mem_volume(size: u64, sector: u32) -> (Volume, Arc<MemStore>) {
     let store = Arc::new(MemStore::new());
-    Volume::create_with_store(&Shared(store.clone()), &header(size, sector)).unwrap();
+    Volume::create_with_store(&store.clone(), &header(size, sector)).unwrap();
     let v = Volume::open_with_store(
-        Box::new(Shared(store.clone())),
+        Box::new(store.clone()),
         XtsKey::new(&dek(1)).unwrap(),
         false,
         CipherBackend::AwsLc,
