@@ -19,7 +19,6 @@ fn header(size: u64, sector: u32) -> VolumeHeader {
 }
 
 /// A volume over an in-memory store that the test can still inspect.
-
 fn mem_volume(size: u64, sector: u32) -> (Volume, Arc<MemStore>) {
     let store = Arc::new(MemStore::new());
     Volume::create_with_store(&store.clone(), &header(size, sector)).unwrap();
