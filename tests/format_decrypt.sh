@@ -4,7 +4,8 @@
 # `cryptography`, i.e. OpenSSL's libcrypto), exactly as docs/volume-format.md describes.
 # (`openssl enc` itself refuses XTS: "enc XTS ciphers not supported".)
 #
-# Usage: tests/format_decrypt.sh PATH/TO/cryptvol   (needs qemu-io, curl, jq-free: python3)
+# Usage: tests/format_decrypt.sh PATH/TO/cryptvol   (needs qemu-io, curl, python3-cryptography;
+# skips without them)
 set -euo pipefail
 BIN=${1:?usage: $0 PATH/TO/cryptvol}
 PY=${CRYPTVOL_PYTHON:-python3}
