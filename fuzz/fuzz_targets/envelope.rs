@@ -1,11 +1,12 @@
+//! Envelope file: header, then the chunk stream decrypted under a fixed DEK.
 #![no_main]
-//! Envelope files: header parsing and chunk decryption of arbitrary input.
-use cryptvol::kms::envelope;
+use cryptvol::kms::envelope::{decrypt, read_header};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut r = data;
-    if let Ok((header, _wrapped)) = envelope::read_header(&mut r) {
-        let _ = envelope::decrypt(&[3u8; 32], &header, r, std::io::sink());
+    let mut input = data;
+    if let Ok((header, _wrapped)) = read_header(&mut input) {
+        let dek = [9u8; 32];
+        let _ = decrypt(&dek, &header, input, std::io::sink());
     }
 });

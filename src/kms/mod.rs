@@ -560,7 +560,17 @@ impl Kms {
 
     /// State of a key by id or alias, without auditing (used for volume listings).
     pub fn key_state(&self, key: &str) -> Result<(KeyState, String), KmsError> {
-        let g = self.lock();
+        let mut g = self.lock();
+        // A window may have ended since the last operation: destroy first, then report.
+        for id in g.store.sweep(now_ms())? {
+            g.audit.append(
+                "destroyKey",
+                Some((&id, None)),
+                None,
+                &Caller::DAEMON,
+                &Ok(()),
+            )?;
+        }
         let r = g.store.find(key)?;
         Ok((r.effective_state(now_ms()), r.alias.clone()))
     }
