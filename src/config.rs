@@ -38,7 +38,9 @@ struct RawNbd {
     max_connections: Option<usize>,
     max_connections_per_export: Option<usize>,
     handshake_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
     max_in_flight: Option<usize>,
+    max_buffer_mib: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,7 +87,9 @@ pub struct Config {
     pub max_connections: usize,
     pub max_connections_per_export: usize,
     pub handshake_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
     pub max_in_flight: usize,
+    pub max_buffer_bytes: usize,
     pub tls: Option<TlsFiles>,
     pub root_key: RootKeySource,
     pub min_pending_days: u32,
@@ -204,7 +208,13 @@ impl Config {
                 64,
             )?,
             handshake_timeout: Duration::from_secs(hs),
+            idle_timeout: raw
+                .nbd
+                .idle_timeout_secs
+                .filter(|&s| s > 0)
+                .map(Duration::from_secs),
             max_in_flight: positive("nbd.max_in_flight", raw.nbd.max_in_flight, 64)?,
+            max_buffer_bytes: positive("nbd.max_buffer_mib", raw.nbd.max_buffer_mib, 64)? << 20,
             tls: raw.tls.map(|t| TlsFiles {
                 cert: t.cert,
                 key: t.key,

@@ -144,6 +144,8 @@ impl Running {
             max_connections: cfg.max_connections,
             handshake_timeout: cfg.handshake_timeout,
             max_in_flight: cfg.max_in_flight,
+            max_buffer_bytes: cfg.max_buffer_bytes,
+            idle_timeout: cfg.idle_timeout,
             tls: tls_config(cfg).map_err(|e| format!("{}: tls: {e}", cfg.path.display()))?,
             require_tls_on_tcp: true,
         };

@@ -75,6 +75,9 @@ impl KeyRecord {
     }
 }
 
+/// `wrap::wrap` or `wrap::wrap_any`.
+type WrapFn = fn(Uuid, u32, &[u8], &[u8], &EncryptionContext) -> Result<Vec<u8>, KmsError>;
+
 pub struct Store {
     dir: PathBuf,
     root: RootKey,
@@ -254,37 +257,40 @@ impl Store {
         })
     }
 
-    /// Wraps under the newest version of an enabled key.
+    /// Wraps a data key (1..1024 bytes) under the newest version of an enabled key.
     pub fn wrap(
         &self,
         key: &str,
         plain: &[u8],
         ctx: &EncryptionContext,
     ) -> Result<(Uuid, u32, Vec<u8>), KmsError> {
-        let r = self.find(key)?;
-        r.usable()?;
-        let m = self.material(r, r.versions)?;
-        Ok((
-            r.key_id,
-            r.versions,
-            wrap::wrap(r.key_id, r.versions, m.expose(), plain, ctx)?,
-        ))
+        self.wrap_with(key, plain, ctx, wrap::wrap)
     }
 
+    /// Wraps up to 4096 bytes (encrypt-data); same blob format.
     pub fn wrap_data(
         &self,
         key: &str,
         plain: &[u8],
         ctx: &EncryptionContext,
     ) -> Result<(Uuid, u32, Vec<u8>), KmsError> {
-        // Same blob format; the length limit differs (checked by the caller).
+        self.wrap_with(key, plain, ctx, wrap::wrap_any)
+    }
+
+    fn wrap_with(
+        &self,
+        key: &str,
+        plain: &[u8],
+        ctx: &EncryptionContext,
+        f: WrapFn,
+    ) -> Result<(Uuid, u32, Vec<u8>), KmsError> {
         let r = self.find(key)?;
         r.usable()?;
         let m = self.material(r, r.versions)?;
         Ok((
             r.key_id,
             r.versions,
-            wrap::wrap_any(r.key_id, r.versions, m.expose(), plain, ctx)?,
+            f(r.key_id, r.versions, m.expose(), plain, ctx)?,
         ))
     }
 

@@ -138,21 +138,24 @@ pub fn validate(h: &RequestHeader, lim: &ExportLimits) -> Result<Command, Reject
     if h.flags & !KNOWN != 0 {
         return reject(NBD_EINVAL);
     }
-    let allowed = match h.command {
-        NBD_CMD_READ => NBD_CMD_FLAG_DF | NBD_CMD_FLAG_FUA,
-        NBD_CMD_WRITE | NBD_CMD_TRIM => NBD_CMD_FLAG_FUA,
-        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
-        NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
-        NBD_CMD_FLUSH | NBD_CMD_CACHE | NBD_CMD_DISC => 0,
-        _ => return reject(NBD_EINVAL),
-    };
+    // FUA is valid on every command once SEND_FUA is advertised (always, here): the server
+    // MUST accept it, even by ignoring it (clients are known to set it on FLUSH).
+    let allowed = NBD_CMD_FLAG_FUA
+        | match h.command {
+            NBD_CMD_READ => NBD_CMD_FLAG_DF,
+            NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+            NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
+            NBD_CMD_WRITE | NBD_CMD_TRIM | NBD_CMD_FLUSH | NBD_CMD_CACHE | NBD_CMD_DISC => 0,
+            _ => return reject(NBD_EINVAL),
+        };
     if h.flags & !allowed != 0 {
         return reject(NBD_EINVAL);
     }
     if h.flags & NBD_CMD_FLAG_DF != 0 && !lim.structured {
         return reject(NBD_EINVAL);
     }
-    if h.command == NBD_CMD_BLOCK_STATUS && !lim.meta_allocation {
+    if h.command == NBD_CMD_BLOCK_STATUS && (!lim.meta_allocation || h.length == 0) {
+        // Length 0 has no valid answer: every extent descriptor MUST be nonzero.
         return reject(NBD_EINVAL);
     }
     if matches!(h.command, NBD_CMD_READ | NBD_CMD_WRITE) && h.length > MAX_PAYLOAD {
@@ -381,6 +384,20 @@ mod tests {
         );
         assert_eq!(
             v(NBD_CMD_BLOCK_STATUS, 0, 0, 1, &simple).unwrap_err().errno,
+            NBD_EINVAL
+        );
+        // FUA is accepted on every command
+        for c in [
+            NBD_CMD_FLUSH,
+            NBD_CMD_CACHE,
+            NBD_CMD_BLOCK_STATUS,
+            NBD_CMD_READ,
+        ] {
+            assert!(v(c, NBD_CMD_FLAG_FUA, 0, 1, &LIM).is_ok(), "FUA on {c}");
+        }
+        // zero-length block status has no valid reply
+        assert_eq!(
+            v(NBD_CMD_BLOCK_STATUS, 0, 0, 0, &LIM).unwrap_err().errno,
             NBD_EINVAL
         );
         // unknown command

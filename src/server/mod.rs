@@ -29,6 +29,10 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Requests in flight per connection.
     pub max_in_flight: usize,
+    /// Payload bytes buffered per connection (at least one maximum-size request).
+    pub max_buffer_bytes: usize,
+    /// Close a connection that sends no request for this long (off by default).
+    pub idle_timeout: Option<Duration>,
     /// STARTTLS is offered when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// TCP clients must STARTTLS before anything else (FORCEDTLS).
@@ -41,6 +45,8 @@ impl Default for ServerConfig {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             max_in_flight: 64,
+            max_buffer_bytes: 64 << 20,
+            idle_timeout: None,
             tls: None,
             require_tls_on_tcp: true,
         }

@@ -11,7 +11,7 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::ServerConfig;
 use super::backend::{Backend, ExportRegistry, OpenExport};
@@ -55,20 +55,30 @@ pub async fn run(
     mut peer: Peer,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    stream.write_all(&handshake::greeting()).await?;
-    let mut flags = [0u8; 4];
-    tokio::time::timeout(cfg.handshake_timeout, stream.read_exact(&mut flags))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
-    let client = handshake::parse_client_flags(&flags).map_err(invalid)?;
+    // One deadline for the whole handshake, greeting and client flags included.
     let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
+    // Server shutdown ends a session still in the handshake at once (it would otherwise
+    // hold `serve` up to the deadline).
+    let mut stop = shutdown.clone();
+    let mut flags = [0u8; 4];
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, async {
+            stream.write_all(&handshake::greeting()).await?;
+            stream.read_exact(&mut flags).await
+        }) => {
+            r.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        }
+        _ = wait_true(&mut stop) => return Ok(()),
+    }
+    let client = handshake::parse_client_flags(&flags).map_err(invalid)?;
     loop {
-        let outcome = tokio::time::timeout_at(
-            deadline,
-            negotiate(&mut stream, &*registry, &cfg, &peer, client.no_zeroes),
-        )
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        let outcome = tokio::select! {
+            r = tokio::time::timeout_at(
+                deadline,
+                negotiate(&mut stream, &*registry, &cfg, &peer, client.no_zeroes),
+            ) => r.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??,
+            _ = wait_true(&mut stop) => return Ok(()),
+        };
         match outcome {
             Outcome::Close => return Ok(()),
             Outcome::StartTls => {
@@ -143,6 +153,8 @@ async fn negotiate(
 ) -> io::Result<Outcome> {
     let mut structured = false;
     let mut meta_allocation = false;
+    // The export the last SET_META_CONTEXT named: contexts hold only for that export.
+    let mut meta_export: Option<String> = None;
     let tls_required = peer.tcp && cfg.require_tls_on_tcp && cfg.tls.is_some() && !peer.tls_active;
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
@@ -170,7 +182,10 @@ async fn negotiate(
                 let Some((export, name)) = open_export(registry, &name) else {
                     return Ok(Outcome::Close);
                 };
-                let flags = transmission_flags(&export, false);
+                // Structured replies and meta contexts negotiated before EXPORT_NAME stay in
+                // force: once STRUCTURED_REPLY is acked, READ MUST get structured replies.
+                let meta_allocation = meta_allocation && meta_export.as_deref() == Some(&name);
+                let flags = transmission_flags(&export, structured);
                 handshake::encode_export_name_reply(
                     &mut out,
                     export.backend.size(),
@@ -181,8 +196,8 @@ async fn negotiate(
                 return Ok(Outcome::Go {
                     export,
                     name,
-                    structured: false,
-                    meta_allocation: false,
+                    structured,
+                    meta_allocation,
                 });
             }
             NBD_OPT_GO | NBD_OPT_INFO => {
@@ -247,6 +262,7 @@ async fn negotiate(
                 handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                 s.write_all(&out).await?;
                 if opt == NBD_OPT_GO {
+                    let meta_allocation = meta_allocation && meta_export.as_deref() == Some(&name);
                     return Ok(Outcome::Go {
                         export,
                         name,
@@ -309,6 +325,11 @@ async fn negotiate(
             }
             NBD_OPT_SET_META_CONTEXT | NBD_OPT_LIST_META_CONTEXT => {
                 let set = opt == NBD_OPT_SET_META_CONTEXT;
+                if set {
+                    // SET replaces the previous selection, also when it fails.
+                    meta_allocation = false;
+                    meta_export = None;
+                }
                 match handshake::parse_meta_context_request(&data) {
                     _ if !structured => handshake::encode_option_reply(
                         &mut out,
@@ -340,6 +361,7 @@ async fn negotiate(
                         };
                         if set {
                             meta_allocation = matches;
+                            meta_export = open_export(registry, &req.export).map(|(_, n)| n);
                         }
                         if matches {
                             handshake::encode_meta_context(
@@ -478,6 +500,9 @@ fn execute(
                     if covered >= u64::from(length) {
                         break;
                     }
+                    if e.length == 0 {
+                        continue; // descriptors MUST have a nonzero length
+                    }
                     let l = e.length.min(u64::from(length) - covered) as u32;
                     let f = if e.hole {
                         NBD_STATE_HOLE | NBD_STATE_ZERO
@@ -513,16 +538,18 @@ async fn transmission(
 ) -> io::Result<()> {
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(cfg.max_in_flight.max(1));
+    let (reply_tx, mut reply_rx) =
+        mpsc::channel::<(Reply, Option<OwnedSemaphorePermit>)>(cfg.max_in_flight.max(1));
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(64 * 1024, wr);
-        while let Some(r) = reply_rx.recv().await {
+        // Each reply's byte budget is given back when it goes out of scope, once written.
+        while let Some((r, _budget)) = reply_rx.recv().await {
             w.write_all(&r.head).await?;
             if let Some(d) = &r.data {
                 w.write_all(d).await?;
             }
             // Batch whatever else is ready into the same flush.
-            while let Ok(r) = reply_rx.try_recv() {
+            while let Ok((r, _budget)) = reply_rx.try_recv() {
                 w.write_all(&r.head).await?;
                 if let Some(d) = &r.data {
                     w.write_all(d).await?;
@@ -542,13 +569,27 @@ async fn transmission(
         meta_allocation,
     };
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+    // Bytes of payload buffered per connection (requests being read, replies not yet sent), in
+    // KiB permits: a client pipelining many 32 MiB requests waits instead of growing memory.
+    let budget_kib = (cfg.max_buffer_bytes / 1024).max(MAX_PAYLOAD as usize / 1024) as u32;
+    let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let mut detached = export.detached.clone();
     let result = loop {
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        let idle = async {
+            match cfg.idle_timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let read = tokio::select! {
             r = rd.read_exact(&mut hdr) => r,
             _ = wait_true(&mut detached) => break Ok(()),
             _ = wait_true(&mut shutdown) => break Ok(()),
+            _ = idle => {
+                tracing::debug!("idle timeout");
+                break Ok(());
+            }
         };
         match read {
             Ok(_) => {}
@@ -577,7 +618,7 @@ async fn transmission(
                 }
                 let msg = "request rejected";
                 if reply_tx
-                    .send(error_reply(h.cookie, rej.errno, structured, msg))
+                    .send((error_reply(h.cookie, rej.errno, structured, msg), None))
                     .await
                     .is_err()
                 {
@@ -589,6 +630,20 @@ async fn transmission(
         if cmd == Command::Disconnect {
             break Ok(());
         }
+        let data_len = match cmd {
+            Command::Read { length, .. } | Command::Write { length, .. } => length,
+            _ => 0,
+        };
+        let budget = match data_len.div_ceil(1024).min(budget_kib) {
+            0 => None,
+            kib => Some(
+                buffered
+                    .clone()
+                    .acquire_many_owned(kib)
+                    .await
+                    .expect("semaphore never closed"),
+            ),
+        };
         let payload = if let Command::Write { length, .. } = cmd {
             let mut p = vec![0u8; length as usize];
             if let Err(e) = rd.read_exact(&mut p).await {
@@ -598,6 +653,16 @@ async fn transmission(
         } else {
             Vec::new()
         };
+        let cookie = h.cookie;
+        if runs_inline(&cmd) {
+            // Small requests are cheaper to serve here than to hand to another thread and back:
+            // 4 KiB of XTS is about a microsecond, a thread handoff several.
+            let reply = execute_guarded(&*backend, cmd, cookie, payload, structured);
+            if reply_tx.send((reply, budget)).await.is_err() {
+                break Ok(());
+            }
+            continue;
+        }
         let permit = in_flight
             .clone()
             .acquire_owned()
@@ -605,11 +670,22 @@ async fn transmission(
             .expect("semaphore never closed");
         let backend = backend.clone();
         let reply_tx = reply_tx.clone();
-        let cookie = h.cookie;
+        // The blocking pool is shared by every connection, so a blocking thread only runs
+        // the backend call: when this connection's reply queue is full (a client that does
+        // not read its replies), the wait for room moves to a cheap async task. Before, each
+        // such wait parked a blocking thread, and ten non-reading clients took all of them.
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let reply = execute(&*backend, cmd, cookie, payload, structured);
-            let _ = reply_tx.blocking_send(reply);
-            drop(permit);
+            let reply = execute_guarded(&*backend, cmd, cookie, payload, structured);
+            match reply_tx.try_send((reply, budget)) {
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    rt.spawn(async move {
+                        let _ = reply_tx.send(item).await;
+                        drop(permit);
+                    });
+                }
+                _ => drop(permit),
+            }
         });
     };
     // Let in-flight requests finish (their replies still go out), then close.
@@ -620,6 +696,31 @@ async fn transmission(
     match writer.await {
         Ok(Err(e)) if result.is_ok() => Err(e),
         _ => result,
+    }
+}
+
+/// [`execute`], with a panicking backend answered by EIO rather than a hanging request.
+fn execute_guarded(
+    backend: &dyn Backend,
+    cmd: Command,
+    cookie: u64,
+    payload: Vec<u8>,
+    structured: bool,
+) -> Reply {
+    let run = || execute(backend, cmd, cookie, payload, structured);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| error_reply(cookie, NBD_EIO, structured, "internal error"))
+}
+
+/// Requests served on the session task: small, and never waiting for the disk (no FLUSH, no
+/// FUA). Everything else goes to the blocking pool so a slow disk never stalls the reactor.
+fn runs_inline(cmd: &Command) -> bool {
+    const INLINE_MAX: u32 = 64 * 1024;
+    match *cmd {
+        Command::Read { length, .. } => length <= INLINE_MAX,
+        Command::Write { length, fua, .. } => length <= INLINE_MAX && !fua,
+        Command::Cache { .. } => true,
+        _ => false,
     }
 }
 

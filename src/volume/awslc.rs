@@ -131,3 +131,21 @@ impl XtsBackend for AwsLcXts {
         self.with_ctx(false, |c| c.run(first_unit, unit, data));
     }
 }
+
+/// Locks the pages holding `bytes` in RAM, best effort: the first failure (RLIMIT_MEMLOCK too
+/// low) logs one warning; keys still work, they may just reach swap.
+pub(crate) fn lock_memory(bytes: &[u8]) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: mlock only reads the address range of a live slice; it does not access memory.
+    let r = unsafe { libc::mlock(bytes.as_ptr().cast(), bytes.len()) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        WARNED.call_once(|| tracing::warn!(error = %e, "cannot lock key memory (raise LimitMEMLOCK); keys may be swapped"));
+    }
+}
+
+/// Unlocks what [`lock_memory`] locked (harmless if it was not locked).
+pub(crate) fn unlock_memory(bytes: &[u8]) {
+    // SAFETY: as above; munlock of an unlocked range is a no-op.
+    unsafe { libc::munlock(bytes.as_ptr().cast(), bytes.len()) };
+}

@@ -307,26 +307,22 @@ impl Volume {
 
     /// Decrypts whole units in place; a unit stored as all zeros is a hole and reads as zeros.
     fn decrypt_units(&self, first: u64, data: &mut [u8]) {
-        let u = self.unit as usize;
-        let mut i = 0;
-        while i < data.len() {
-            // Run of non-zero units: one backend call.
-            let start = i;
-            while i < data.len() && !is_zero(&data[i..i + u]) {
-                i += u;
-            }
-            if i > start {
-                self.cipher
-                    .decrypt(first + (start / u) as u64, &mut data[start..i]);
-            }
-            while i < data.len() && is_zero(&data[i..i + u]) {
-                i += u;
-            }
-        }
+        self.for_nonzero_runs(first, data, |c, unit, run| c.decrypt(unit, run));
     }
 
     /// Encrypts whole units in place; an all-zero plaintext unit is stored as zeros (thin).
     fn encrypt_units(&self, first: u64, data: &mut [u8]) {
+        self.for_nonzero_runs(first, data, |c, unit, run| c.encrypt(unit, run));
+    }
+
+    /// Calls `f` on each run of consecutive units that are not all zero (one backend call per
+    /// run), with the index of the run's first unit; all-zero units are left as they are.
+    fn for_nonzero_runs(
+        &self,
+        first: u64,
+        data: &mut [u8],
+        f: impl Fn(&SectorCipher, u64, &mut [u8]),
+    ) {
         let u = self.unit as usize;
         let mut i = 0;
         while i < data.len() {
@@ -335,8 +331,11 @@ impl Volume {
                 i += u;
             }
             if i > start {
-                self.cipher
-                    .encrypt(first + (start / u) as u64, &mut data[start..i]);
+                f(
+                    &self.cipher,
+                    first + (start / u) as u64,
+                    &mut data[start..i],
+                );
             }
             while i < data.len() && is_zero(&data[i..i + u]) {
                 i += u;
@@ -411,7 +410,7 @@ fn write_copies(store: &dyn BlockStore, header: &VolumeHeader) -> Result<(), Vol
 
 /// Rewrites the header with generation + 1. When copy A is the only valid one, B is brought
 /// up first, so that at every moment at least one valid copy exists.
-pub(crate) fn rewrite_header(
+pub fn rewrite_header(
     store: &dyn BlockStore,
     header: &VolumeHeader,
 ) -> Result<VolumeHeader, VolumeError> {

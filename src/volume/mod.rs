@@ -18,7 +18,7 @@ pub mod store;
 use std::io;
 
 pub use cipher::{Backend as CipherBackend, SectorCipher, UnitSize, XtsKey};
-pub use disk::Volume;
+pub use disk::{Volume, rewrite_header};
 pub use header::{CIPHER_NAME, DATA_OFFSET, KEY_BITS, VolumeHeader};
 pub use store::{BlockStore, FileStore, MemStore};
 

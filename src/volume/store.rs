@@ -28,6 +28,31 @@ pub trait BlockStore: Send + Sync {
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>>;
 }
 
+/// A shared store is a store (tests keep a handle to inspect or inject faults).
+impl<T: BlockStore + ?Sized> BlockStore for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        (**self).allocation(offset, len)
+    }
+}
+
 /// A sparse file: pread/pwrite, fdatasync, fallocate(PUNCH_HOLE), SEEK_DATA/SEEK_HOLE.
 pub struct FileStore {
     file: File,

@@ -1,0 +1,191 @@
+//! Shared harness for tests that drive the real daemon binary: a short temp dir (Unix socket
+//! paths must stay under 108 bytes), `cryptvol init`, a config, `serve` in the background
+//! (killed on drop), readiness by polling the control socket, and a CLI runner.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cryptvol");
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub cfg: PathBuf,
+    pub state: PathBuf,
+    pub daemon: Option<Child>,
+}
+
+impl Env {
+    /// A fresh state dir and config (min_pending_days = 0 so tests reach the end of a window).
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("cv")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let state = dir.path().join("s");
+        let o = Command::new(BIN)
+            .args(["init", "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "state_dir = \"{}\"\n[control]\nsocket = \"{d}/c.sock\"\n[nbd]\nunix_socket = \"{d}/n.sock\"\n[kms]\nmin_pending_days = 0\n",
+                state.display(),
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        Env {
+            dir,
+            cfg,
+            state,
+            daemon: None,
+        }
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir.path().join("n.sock")
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.nbd_socket().display()
+        )
+    }
+
+    /// Starts `cryptvol serve` and waits until the control socket answers.
+    pub fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.cfg)
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.cli(&["volume", "list"]).status.success() {
+                return;
+            }
+            if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {st}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not answer: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.daemon.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        c.wait().unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a CLI command that must succeed; returns its `--json` document.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let o = self.cli(&a);
+        assert!(
+            o.status.success(),
+            "cryptvol {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+        })
+    }
+
+    /// Runs a CLI command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            !o.status.success(),
+            "cryptvol {args:?} should fail: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(
+            e.trim_end().lines().count(),
+            1,
+            "one-line error expected: {e}"
+        );
+        e
+    }
+
+    pub fn volume_path(&self, name: &str) -> PathBuf {
+        self.state.join("volumes").join(format!("{name}.cvol"))
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// qemu-io against an export. A pattern mismatch (`read -P`) exits 0 in qemu-io, so it is
+/// turned into a failed status here.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let mut o = c.arg(uri).output().unwrap();
+    if String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed") {
+        use std::os::unix::process::ExitStatusExt;
+        o.status = std::process::ExitStatus::from_raw(1 << 8);
+    }
+    o
+}
+
+pub fn file_blocks(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks()
+}
