@@ -235,7 +235,7 @@ for n in names:
             [f"{v[5]:.0f}", f"{v[6]:.2f}", f"{v[7]:.1f}"]
     lines.append(f"| {n} | " + " | ".join(cells) + " |")
 ref = "cryptvol" if "cryptvol" in names else ("nbdkit-file" if "nbdkit-file" in names else names[0])
-lines += ["", f"Ratios {ref} / peer (> 1: {ref} faster; CPU and RSS: < 1 is better for {ref}):", "",
+lines += ["", f"Ratios {ref} / peer (throughput: > 1 = {ref} faster; p99, CPU and RSS: < 1 = {ref} better):", "",
           "| peer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
 ratios = {}
 for n in names:
