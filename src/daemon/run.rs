@@ -170,6 +170,17 @@ impl Running {
             group,
         };
         let api = tokio::spawn(api::serve(control, daemon.clone(), access, rx));
+        // Keys whose deletion window ends while the daemon runs are destroyed within a minute.
+        let sweeper = daemon.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                t.tick().await;
+                if let Err(e) = sweeper.kms.sweep_deletions() {
+                    tracing::warn!("key deletion sweep: {e}");
+                }
+            }
+        });
         Ok(Running {
             daemon,
             shutdown,

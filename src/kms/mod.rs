@@ -334,7 +334,7 @@ impl Kms {
         pending_days: u32,
     ) -> Result<KeyMetadata, KmsError> {
         let (min, max) = (self.cfg.min_pending_days, self.cfg.max_pending_days);
-        self.transition(c, "scheduleKeyDeletion", key, |r, now| {
+        let meta = self.transition(c, "scheduleKeyDeletion", key, |r, now| {
             if !(min..=max).contains(&pending_days) {
                 return Err(KmsError::InvalidParameter(format!(
                     "pending_days must be within {min}..{max}"
@@ -352,7 +352,12 @@ impl Kms {
                     s.name()
                 ))),
             }
-        })
+        })?;
+        if pending_days == 0 {
+            // The window is already over: destroy now, not at the next start-up.
+            self.sweep_deletions()?;
+        }
+        Ok(meta)
     }
 
     pub fn cancel_key_deletion(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError> {
