@@ -378,7 +378,13 @@ async fn client_command(cli: &Cli, sock: &Path) -> Result<()> {
                 }
             });
             if v["ok"].as_bool() != Some(true) {
-                bail!("audit chain broken at line {}", v["broken_line"]);
+                let msg = format!("audit chain broken at line {}", v["broken_line"]);
+                if j {
+                    // The report above is the one JSON document on stdout (SPEC §1).
+                    eprintln!("cryptvol: {msg}");
+                    std::process::exit(1);
+                }
+                bail!(msg);
             }
         }
         Cmd::Init { .. } | Cmd::Serve | Cmd::Demo | Cmd::Bench(_) => unreachable!("handled in run"),
