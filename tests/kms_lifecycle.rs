@@ -125,7 +125,7 @@ fn persistence_wrong_root_key_and_tampered_audit() {
     let kms = open(d.path(), 7);
     let r = kms.audit_verify().unwrap();
     assert!(!r.ok);
-    assert_eq!(r.broken_line, Some(2));
+    assert_eq!(r.broken_line, Some(1), "the edited line itself is named");
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! The audit log: JSON Lines, one record per KMS operation (failures too). Each record holds the
-//! SHA-256 of the previous line, so an edited, removed or reordered line breaks the chain.
+//! The audit log: JSON Lines, one record per KMS operation (failures too). Each record holds its
+//! own SHA-256 (over the record with `hash` empty, which covers `prev`) and the previous
+//! record's, so an edited line is found at that line and a removed or reordered one at the
+//! next.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -25,8 +27,36 @@ pub struct Record {
     pub caller_pid: i32,
     /// "ok" or the error code.
     pub result: String,
-    /// Hex SHA-256 of the previous line ("" for the first).
+    /// The previous record's `hash` ("" for the first).
     pub prev: String,
+    /// Hex SHA-256 of this record serialised with `hash` = "".
+    #[serde(default)]
+    pub hash: String,
+}
+
+impl Record {
+    fn own_hash(&self) -> Result<String, KmsError> {
+        let mut r = self.clone_for_hash();
+        r.hash = String::new();
+        let bytes = serde_json::to_vec(&r).map_err(|e| KmsError::Internal(e.to_string()))?;
+        Ok(hex::encode(sha256(&bytes)))
+    }
+
+    fn clone_for_hash(&self) -> Record {
+        Record {
+            seq: self.seq,
+            time: self.time.clone(),
+            operation: self.operation.clone(),
+            key_id: self.key_id.clone(),
+            key_version: self.key_version,
+            encryption_context: self.encryption_context.clone(),
+            caller_uid: self.caller_uid,
+            caller_pid: self.caller_pid,
+            result: self.result.clone(),
+            prev: self.prev.clone(),
+            hash: String::new(),
+        }
+    }
 }
 
 pub struct AuditLog {
@@ -59,7 +89,9 @@ impl AuditLog {
         let (mut last_hash, mut seq) = (String::new(), 0);
         for line in BufReader::new(File::open(path)?).lines() {
             let line = line?;
-            last_hash = hex::encode(sha256(line.as_bytes()));
+            last_hash = serde_json::from_str::<Record>(&line)
+                .map(|r| r.hash)
+                .unwrap_or_default();
             seq += 1;
         }
         if !report.ok {
@@ -95,11 +127,14 @@ impl AuditLog {
                 Err(e) => e.error_code().to_owned(),
             },
             prev: self.last_hash.clone(),
+            hash: String::new(),
         };
+        let mut rec = rec;
+        rec.hash = rec.own_hash()?;
         let line = serde_json::to_string(&rec).map_err(|e| KmsError::Internal(e.to_string()))?;
         self.file.write_all(format!("{line}\n").as_bytes())?;
         self.file.sync_data()?;
-        self.last_hash = hex::encode(sha256(line.as_bytes()));
+        self.last_hash = rec.hash.clone();
         self.seq += 1;
         Ok(())
     }
@@ -125,16 +160,19 @@ pub fn verify_file(path: &Path) -> Result<AuditReport, KmsError> {
             Ok(r) => r,
             Err(_) => return Ok(broken(n, "not a valid audit record")),
         };
+        if rec.own_hash()? != rec.hash {
+            return Ok(broken(n, "record was edited (its hash does not match)"));
+        }
         if rec.prev != prev {
             return Ok(broken(
                 n,
-                "hash chain broken: previous record changed or removed",
+                "hash chain broken: a record before this one was removed or reordered",
             ));
         }
         if rec.seq != n {
             return Ok(broken(n, "sequence number out of order"));
         }
-        prev = hex::encode(sha256(line.as_bytes()));
+        prev = rec.hash.clone();
     }
     Ok(AuditReport {
         records: n,
