@@ -131,6 +131,60 @@ fn concurrent_sub_sector_writers_never_lose_an_update() {
 }
 
 #[test]
+fn whole_unit_writers_and_partial_writers_serialize_per_unit() {
+    // Whole-unit writes share their stripe; a partial write's read-modify-write holds it
+    // alone. Per unit, one thread rewrites the whole unit (value w) while another rewrites
+    // its first half (value p), each in increasing order. Any serial order of the two ends in
+    // either all-w_last, or p_last then w_last; a partial write that read the unit before a
+    // whole write and stored after it would leave an older w in the second half. Large
+    // writes spanning every stripe (the 1 MiB case) run at the same time.
+    const UNITS: u64 = 4;
+    const ROUNDS: u8 = 250;
+    let (v, _) = mem_volume(4 << 20, 4096);
+    let v = Arc::new(v);
+    let mut threads = Vec::new();
+    for unit in 0..UNITS {
+        let whole = v.clone();
+        threads.push(std::thread::spawn(move || {
+            for w in 1..=ROUNDS {
+                whole.write(unit * 4096, &[w; 4096]).unwrap();
+            }
+        }));
+        let part = v.clone();
+        threads.push(std::thread::spawn(move || {
+            for p in 1..=ROUNDS {
+                part.write(unit * 4096, &[p; 2048]).unwrap();
+            }
+        }));
+    }
+    let big = v.clone();
+    threads.push(std::thread::spawn(move || {
+        // Units 16.. (every stripe locked shared, none of the units above touched).
+        for i in 0..20u8 {
+            big.write(1 << 20, &vec![i; 2 << 20]).unwrap();
+        }
+    }));
+    for t in threads {
+        t.join().unwrap();
+    }
+    for unit in 0..UNITS {
+        let mut back = vec![0u8; 4096];
+        v.read(unit * 4096, &mut back).unwrap();
+        assert!(
+            back[2048..].iter().all(|&b| b == ROUNDS),
+            "unit {unit}: second half holds an older whole write"
+        );
+        assert!(
+            back[..2048].iter().all(|&b| b == ROUNDS),
+            "unit {unit}: first half is neither the last whole nor the last partial write"
+        );
+    }
+    let mut back = vec![0u8; 2 << 20];
+    v.read(1 << 20, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 19));
+}
+
+#[test]
 fn holes_read_as_zeros_and_trim_frees() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.cvol");

@@ -6,6 +6,7 @@
 //! session watches the shutdown signal, and `serve` returns once all sessions have ended.
 
 pub mod backend;
+mod bufpool;
 mod mem;
 mod session;
 

@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::ServerConfig;
 use super::backend::{Backend, ExportRegistry, OpenExport};
+use super::bufpool::BufPool;
 use crate::nbd::DecodeError;
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, OPTION_HEADER_LEN};
@@ -430,6 +431,7 @@ fn ok_reply(cookie: u64, structured: bool) -> Reply {
 /// Runs one validated command against the backend (blocking: called off the reactor).
 fn execute(
     backend: &dyn Backend,
+    pool: &BufPool,
     cmd: Command,
     cookie: u64,
     payload: Vec<u8>,
@@ -438,7 +440,7 @@ fn execute(
     let fail = |e: io::Error| error_reply(cookie, nbd_errno(&e), structured, &e.to_string());
     match cmd {
         Command::Read { offset, length, .. } => {
-            let mut buf = vec![0u8; length as usize];
+            let mut buf = pool.take(length as usize);
             match backend.read(offset, &mut buf) {
                 Ok(()) if structured && length > 0 => Reply {
                     head: tx::offset_data_header(cookie, true, offset, length).to_vec(),
@@ -449,12 +451,17 @@ fn execute(
                     head: tx::simple_reply(cookie, 0).to_vec(),
                     data: Some(buf),
                 },
-                Err(e) => fail(e),
+                Err(e) => {
+                    pool.give(buf);
+                    fail(e)
+                }
             }
         }
         Command::Write { offset, fua, .. } => {
             let mut payload = payload;
-            match backend.write(offset, &mut payload, fua) {
+            let r = backend.write(offset, &mut payload, fua);
+            pool.give(payload);
+            match r {
                 Ok(()) => ok_reply(cookie, structured),
                 Err(e) => fail(e),
             }
@@ -540,20 +547,16 @@ async fn transmission(
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let (reply_tx, mut reply_rx) =
         mpsc::channel::<(Reply, Option<OwnedSemaphorePermit>)>(cfg.max_in_flight.max(1));
+    let pool = Arc::new(BufPool::default());
+    let writer_pool = pool.clone();
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(64 * 1024, wr);
         // Each reply's byte budget is given back when it goes out of scope, once written.
         while let Some((r, _budget)) = reply_rx.recv().await {
-            w.write_all(&r.head).await?;
-            if let Some(d) = &r.data {
-                w.write_all(d).await?;
-            }
+            write_reply(&mut w, r, &writer_pool).await?;
             // Batch whatever else is ready into the same flush.
             while let Ok((r, _budget)) = reply_rx.try_recv() {
-                w.write_all(&r.head).await?;
-                if let Some(d) = &r.data {
-                    w.write_all(d).await?;
-                }
+                write_reply(&mut w, r, &writer_pool).await?;
             }
             w.flush().await?;
         }
@@ -645,7 +648,7 @@ async fn transmission(
             ),
         };
         let payload = if let Command::Write { length, .. } = cmd {
-            let mut p = vec![0u8; length as usize];
+            let mut p = pool.take(length as usize);
             if let Err(e) = rd.read_exact(&mut p).await {
                 break Err(e);
             }
@@ -657,7 +660,7 @@ async fn transmission(
         if runs_inline(&cmd) {
             // Small requests are cheaper to serve here than to hand to another thread and back:
             // 4 KiB of XTS is about a microsecond, a thread handoff several.
-            let reply = execute_guarded(&*backend, cmd, cookie, payload, structured);
+            let reply = execute_guarded(&*backend, &pool, cmd, cookie, payload, structured);
             if reply_tx.send((reply, budget)).await.is_err() {
                 break Ok(());
             }
@@ -669,6 +672,7 @@ async fn transmission(
             .await
             .expect("semaphore never closed");
         let backend = backend.clone();
+        let pool = pool.clone();
         let reply_tx = reply_tx.clone();
         // The blocking pool is shared by every connection, so a blocking thread only runs
         // the backend call: when this connection's reply queue is full (a client that does
@@ -676,7 +680,7 @@ async fn transmission(
         // such wait parked a blocking thread, and ten non-reading clients took all of them.
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let reply = execute_guarded(&*backend, cmd, cookie, payload, structured);
+            let reply = execute_guarded(&*backend, &pool, cmd, cookie, payload, structured);
             match reply_tx.try_send((reply, budget)) {
                 Err(mpsc::error::TrySendError::Full(item)) => {
                     rt.spawn(async move {
@@ -699,15 +703,30 @@ async fn transmission(
     }
 }
 
+/// Writes one reply into the buffered writer; its data buffer goes back to the pool.
+async fn write_reply<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    r: Reply,
+    pool: &BufPool,
+) -> io::Result<()> {
+    w.write_all(&r.head).await?;
+    if let Some(d) = r.data {
+        w.write_all(&d).await?;
+        pool.give(d);
+    }
+    Ok(())
+}
+
 /// [`execute`], with a panicking backend answered by EIO rather than a hanging request.
 fn execute_guarded(
     backend: &dyn Backend,
+    pool: &BufPool,
     cmd: Command,
     cookie: u64,
     payload: Vec<u8>,
     structured: bool,
 ) -> Reply {
-    let run = || execute(backend, cmd, cookie, payload, structured);
+    let run = || execute(backend, pool, cmd, cookie, payload, structured);
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
         .unwrap_or_else(|_| error_reply(cookie, NBD_EIO, structured, "internal error"))
 }

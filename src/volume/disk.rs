@@ -4,12 +4,14 @@
 //! or ends inside a unit is served by read-modify-write of that unit. Every write holds the
 //! stripe locks of the units it touches, so a read-modify-write never races another write of
 //! the same unit (the kernel client sends 512-byte I/O to 4096-sector volumes, and several
-//! connections may write at once).
+//! connections may write at once). Units written whole take their stripe shared and units
+//! read-modify-written take it exclusive: whole-unit writes (the common case, and every large
+//! write) run in parallel, and only a partial unit waits for the other writes of its stripe.
 
 use std::cell::RefCell;
 use std::fs::OpenOptions;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::VolumeError;
 use super::cipher::{Backend, SectorCipher, UnitSize, XtsKey, wipe};
@@ -26,7 +28,7 @@ pub struct Volume {
     header: VolumeHeader,
     unit: u64,
     read_only: bool,
-    stripes: Vec<Mutex<()>>,
+    stripes: Vec<RwLock<()>>,
 }
 
 thread_local! {
@@ -119,7 +121,7 @@ impl Volume {
             unit: u64::from(header.sector_size),
             header,
             read_only,
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
         })
     }
 
@@ -343,22 +345,45 @@ impl Volume {
         }
     }
 
-    /// Locks the stripes of every unit in the range, in stripe order (no deadlock).
-    fn lock_units(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
-        let first = offset / self.unit;
-        let last = (offset + len - 1) / self.unit;
-        let span = last - first + 1;
-        let lock = |i: usize| self.stripes[i].lock().unwrap_or_else(|e| e.into_inner());
-        if span >= STRIPES as u64 {
-            return (0..STRIPES).map(lock).collect();
+    /// Locks the stripes of every unit a write of `[offset, offset+len)` touches, in stripe
+    /// order (no deadlock): exclusive for the (at most two) units written partly, since their
+    /// read-modify-write must not interleave with another write of the unit; shared for the
+    /// units written whole.
+    fn lock_units(&self, offset: u64, len: u64) -> Vec<StripeGuard<'_>> {
+        let u = self.unit;
+        let end = offset + len;
+        let first = offset / u;
+        let last = (end - 1) / u;
+        let partial = |unit: u64| unit * u < offset || (unit + 1) * u > end;
+        let stripe = |unit: u64| (unit % STRIPES as u64) as usize;
+        let mut exclusive = [usize::MAX; 2];
+        if partial(first) {
+            exclusive[0] = stripe(first);
         }
-        let mut idx: Vec<usize> = (first..=last)
-            .map(|u| (u % STRIPES as u64) as usize)
-            .collect();
+        if last != first && partial(last) {
+            exclusive[1] = stripe(last);
+        }
+        let take = |i: usize| {
+            if exclusive.contains(&i) {
+                StripeGuard::Exclusive(self.stripes[i].write().unwrap_or_else(|e| e.into_inner()))
+            } else {
+                StripeGuard::Shared(self.stripes[i].read().unwrap_or_else(|e| e.into_inner()))
+            }
+        };
+        if last - first + 1 >= STRIPES as u64 {
+            return (0..STRIPES).map(take).collect();
+        }
+        let mut idx: Vec<usize> = (first..=last).map(stripe).collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(lock).collect()
+        idx.into_iter().map(take).collect()
     }
+}
+
+/// A held stripe lock (released on drop).
+enum StripeGuard<'a> {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
 }
 
 fn is_zero(b: &[u8]) -> bool {
