@@ -2,10 +2,15 @@
 //! replies go out in completion order.
 //!
 //! ```text
-//!  socket ─▶ reader: header ─▶ validate ─▶ payload ─▶ spawn_blocking(backend) ─┐
-//!                                                                               ▼
-//!  socket ◀─ writer task ◀──────────── mpsc of encoded replies ◀───────────────┘
+//!  socket ─▶ reader: header ─▶ validate ─▶ payload ─┬▶ inline (small) ──────────────┐
+//!                                                   └▶ spawn_blocking(backend) ─┐   │
+//!                                                                               ▼   ▼
+//!  socket ◀─ buffered writer (shared) ◀── writer task ◀── mpsc ◀───────────────┘  reader
 //! ```
+//!
+//! Small requests are served by the reader itself, which also writes their replies into the
+//! shared buffered writer and flushes when it has no further request in hand: a QD1 round
+//! trip involves no other task or thread, and a burst of small requests leaves in one write.
 
 use std::io;
 use std::sync::Arc;
@@ -548,11 +553,15 @@ async fn transmission(
     let (reply_tx, mut reply_rx) =
         mpsc::channel::<(Reply, Option<OwnedSemaphorePermit>)>(cfg.max_in_flight.max(1));
     let pool = Arc::new(BufPool::default());
-    let writer_pool = pool.clone();
+    let out = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+        64 * 1024,
+        wr,
+    )));
+    let (writer_pool, writer_out) = (pool.clone(), out.clone());
     let writer = tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(64 * 1024, wr);
         // Each reply's byte budget is given back when it goes out of scope, once written.
         while let Some((r, _budget)) = reply_rx.recv().await {
+            let mut w = writer_out.lock().await;
             write_reply(&mut w, r, &writer_pool).await?;
             // Batch whatever else is ready into the same flush.
             while let Ok((r, _budget)) = reply_rx.try_recv() {
@@ -560,10 +569,10 @@ async fn transmission(
             }
             w.flush().await?;
         }
-        w.flush().await?;
-        w.shutdown().await.ok();
         Ok::<(), io::Error>(())
     });
+    // Inline replies written but not flushed yet.
+    let mut unflushed = false;
     let backend = export.backend.clone();
     let lim = ExportLimits {
         size: backend.size(),
@@ -578,6 +587,12 @@ async fn transmission(
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let mut detached = export.detached.clone();
     let result = loop {
+        // About to wait for the client: what we owe it goes out first.
+        if let Err(e) =
+            flush_owed(&out, &mut unflushed, rd.buffer().len(), REQUEST_HEADER_LEN).await
+        {
+            break Err(e);
+        }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         let idle = async {
             match cfg.idle_timeout {
@@ -648,6 +663,11 @@ async fn transmission(
             ),
         };
         let payload = if let Command::Write { length, .. } = cmd {
+            if let Err(e) =
+                flush_owed(&out, &mut unflushed, rd.buffer().len(), length as usize).await
+            {
+                break Err(e);
+            }
             let mut p = pool.take(length as usize);
             if let Err(e) = rd.read_exact(&mut p).await {
                 break Err(e);
@@ -661,9 +681,12 @@ async fn transmission(
             // Small requests are cheaper to serve here than to hand to another thread and back:
             // 4 KiB of XTS is about a microsecond, a thread handoff several.
             let reply = execute_guarded(&*backend, &pool, cmd, cookie, payload, structured);
-            if reply_tx.send((reply, budget)).await.is_err() {
-                break Ok(());
+            let mut w = out.lock().await;
+            if let Err(e) = write_reply(&mut w, reply, &pool).await {
+                break Err(e);
             }
+            drop((w, budget));
+            unflushed = true;
             continue;
         }
         let permit = in_flight
@@ -697,10 +720,35 @@ async fn transmission(
     let _ = in_flight
         .acquire_many(cfg.max_in_flight.max(1) as u32)
         .await;
-    match writer.await {
-        Ok(Err(e)) if result.is_ok() => Err(e),
-        _ => result,
+    let written = match writer.await {
+        Ok(r) => r,
+        Err(e) => Err(io::Error::other(e)),
+    };
+    let mut w = out.lock().await;
+    let closed = async {
+        w.flush().await?;
+        w.shutdown().await.ok();
+        Ok(())
+    };
+    match (result, written, closed.await) {
+        (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(()), Ok(())) => Ok(()),
     }
+}
+
+/// Flushes the inline replies written since the last flush when the next `need` bytes are not
+/// all in the read buffer (`buffered`): the reader is about to wait for the client.
+async fn flush_owed<W: AsyncWrite + Unpin>(
+    out: &tokio::sync::Mutex<BufWriter<W>>,
+    unflushed: &mut bool,
+    buffered: usize,
+    need: usize,
+) -> io::Result<()> {
+    if *unflushed && buffered < need {
+        out.lock().await.flush().await?;
+        *unflushed = false;
+    }
+    Ok(())
 }
 
 /// Writes one reply into the buffered writer; its data buffer goes back to the pool.
