@@ -92,3 +92,33 @@ fn client_that_never_reads_replies_cannot_balloon_server_memory() {
     }
     assert_eq!(seen.len(), n as usize);
 }
+
+#[test]
+fn client_that_never_reads_replies_cannot_hold_up_shutdown() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Two clients that stop reading: one with small READs (served inline, so the session's
+    // own reply write blocks) and one with large READs (served off the reactor, replies
+    // queued). Neither may keep the server (and the volume and key it holds) alive after a
+    // shutdown: their replies are abandoned after a bounded drain.
+    let mut srv = TestServer::start();
+    let mut small = srv.connect();
+    small.go("mem", false, false);
+    let mut large = srv.connect();
+    large.go("mem", false, false);
+    // In one write: one tiny write per request would fill the socket's send budget (each
+    // costs a whole skb) long before the server stops reading.
+    let burst: Vec<u8> = (0..2000u64)
+        .flat_map(|i| Conn::request_bytes(0, CMD_READ, i, 0, 4096))
+        .collect();
+    small.write(&burst);
+    for i in 0..40u64 {
+        large.send_req(0, CMD_READ, i, 0, 32 << 20);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let took = srv.shutdown_within(Duration::from_secs(20));
+    eprintln!("shutdown with two non-reading clients took {took:?}");
+    assert!(
+        took.is_some(),
+        "serve did not return with non-reading clients"
+    );
+}

@@ -586,11 +586,22 @@ async fn transmission(
     let budget_kib = (cfg.max_buffer_bytes / 1024).max(MAX_PAYLOAD as usize / 1024) as u32;
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let mut detached = export.detached.clone();
+    // Every wait of the reader (for the client, for buffer budget, for an in-flight slot, for
+    // room to write a reply) also ends on a detach or a shutdown: a client that stalls
+    // mid-request or stops reading cannot keep the session, and so the volume and its key.
+    macro_rules! until_stop {
+        ($fut:expr) => {
+            tokio::select! {
+                r = $fut => r,
+                _ = wait_true(&mut detached) => break Ok(()),
+                _ = wait_true(&mut shutdown) => break Ok(()),
+            }
+        };
+    }
     let result = loop {
         // About to wait for the client: what we owe it goes out first.
-        if let Err(e) =
-            flush_owed(&out, &mut unflushed, rd.buffer().len(), REQUEST_HEADER_LEN).await
-        {
+        let owed = flush_owed(&out, &mut unflushed, rd.buffer().len(), REQUEST_HEADER_LEN);
+        if let Err(e) = until_stop!(owed) {
             break Err(e);
         }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
@@ -600,14 +611,19 @@ async fn transmission(
                 None => std::future::pending().await,
             }
         };
-        let read = tokio::select! {
-            r = rd.read_exact(&mut hdr) => r,
-            _ = wait_true(&mut detached) => break Ok(()),
-            _ = wait_true(&mut shutdown) => break Ok(()),
-            _ = idle => {
+        let read = until_stop!(async {
+            tokio::select! {
+                r = rd.read_exact(&mut hdr) => r.map(Some),
+                _ = idle => Ok(None),
+            }
+        });
+        let read = match read {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => {
                 tracing::debug!("idle timeout");
                 break Ok(());
             }
+            Err(e) => Err(e),
         };
         match read {
             Ok(_) => {}
@@ -625,21 +641,16 @@ async fn transmission(
                 if rej.skip_payload > 0 {
                     // Skip the payload we refuse, to stay in sync, without buffering it.
                     let mut sink = tokio::io::sink();
-                    let copied = tokio::io::copy(
-                        &mut (&mut rd).take(u64::from(rej.skip_payload)),
-                        &mut sink,
-                    )
-                    .await?;
-                    if copied < u64::from(rej.skip_payload) {
-                        break Ok(());
+                    let mut rest = (&mut rd).take(u64::from(rej.skip_payload));
+                    match until_stop!(tokio::io::copy(&mut rest, &mut sink)) {
+                        Ok(n) if n == u64::from(rej.skip_payload) => {}
+                        Ok(_) => break Ok(()),
+                        Err(e) => break Err(e),
                     }
                 }
                 let msg = "request rejected";
-                if reply_tx
-                    .send((error_reply(h.cookie, rej.errno, structured, msg), None))
-                    .await
-                    .is_err()
-                {
+                let reply = error_reply(h.cookie, rej.errno, structured, msg);
+                if until_stop!(reply_tx.send((reply, None))).is_err() {
                     break Ok(());
                 }
                 continue;
@@ -655,21 +666,17 @@ async fn transmission(
         let budget = match data_len.div_ceil(1024).min(budget_kib) {
             0 => None,
             kib => Some(
-                buffered
-                    .clone()
-                    .acquire_many_owned(kib)
-                    .await
+                until_stop!(buffered.clone().acquire_many_owned(kib))
                     .expect("semaphore never closed"),
             ),
         };
         let payload = if let Command::Write { length, .. } = cmd {
-            if let Err(e) =
-                flush_owed(&out, &mut unflushed, rd.buffer().len(), length as usize).await
-            {
+            let owed = flush_owed(&out, &mut unflushed, rd.buffer().len(), length as usize);
+            if let Err(e) = until_stop!(owed) {
                 break Err(e);
             }
             let mut p = pool.take(length as usize);
-            if let Err(e) = rd.read_exact(&mut p).await {
+            if let Err(e) = until_stop!(rd.read_exact(&mut p)) {
                 break Err(e);
             }
             p
@@ -681,19 +688,19 @@ async fn transmission(
             // Small requests are cheaper to serve here than to hand to another thread and back:
             // 4 KiB of XTS is about a microsecond, a thread handoff several.
             let reply = execute_guarded(&*backend, &pool, cmd, cookie, payload, structured);
-            let mut w = out.lock().await;
-            if let Err(e) = write_reply(&mut w, reply, &pool).await {
+            // A client that stops reading blocks this write, and so stops us reading more
+            // requests: that is the backpressure.
+            let wrote =
+                until_stop!(async { write_reply(&mut *out.lock().await, reply, &pool).await });
+            if let Err(e) = wrote {
                 break Err(e);
             }
-            drop((w, budget));
+            drop(budget);
             unflushed = true;
             continue;
         }
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit =
+            until_stop!(in_flight.clone().acquire_owned()).expect("semaphore never closed");
         let backend = backend.clone();
         let pool = pool.clone();
         let reply_tx = reply_tx.clone();
@@ -717,24 +724,39 @@ async fn transmission(
     };
     // Let in-flight requests finish (their replies still go out), then close.
     drop(reply_tx);
-    let _ = in_flight
-        .acquire_many(cfg.max_in_flight.max(1) as u32)
-        .await;
-    let written = match writer.await {
-        Ok(r) => r,
-        Err(e) => Err(io::Error::other(e)),
-    };
-    let mut w = out.lock().await;
-    let closed = async {
+    let writer_abort = writer.abort_handle();
+    let drain = async {
+        let _ = in_flight
+            .acquire_many(cfg.max_in_flight.max(1) as u32)
+            .await;
+        let written = match writer.await {
+            Ok(r) => r,
+            Err(e) => Err(io::Error::other(e)),
+        };
+        let mut w = out.lock().await;
         w.flush().await?;
         w.shutdown().await.ok();
-        Ok(())
+        written
     };
-    match (result, written, closed.await) {
-        (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(()), Ok(())) => Ok(()),
-    }
+    // After a detach or a shutdown, a client that does not read its replies must not keep
+    // the session (and with it the volume and its key) alive.
+    let stopping = *detached.borrow() || *shutdown.borrow();
+    let drained = if stopping {
+        tokio::time::timeout(DRAIN_AFTER_STOP, drain)
+            .await
+            .unwrap_or_else(|_| {
+                writer_abort.abort();
+                tracing::debug!("replies not taken after detach/shutdown; closing");
+                Ok(())
+            })
+    } else {
+        drain.await
+    };
+    result.and(drained)
 }
+
+/// How long replies may take to leave once the export is detached or the server stops.
+const DRAIN_AFTER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Flushes the inline replies written since the last flush when the next `need` bytes are not
 /// all in the read buffer (`buffered`): the reader is about to wait for the client.
