@@ -546,7 +546,7 @@ async fn transmission(
     structured: bool,
     meta_allocation: bool,
     cfg: Arc<ServerConfig>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
@@ -585,16 +585,26 @@ async fn transmission(
     // KiB permits: a client pipelining many 32 MiB requests waits instead of growing memory.
     let budget_kib = (cfg.max_buffer_bytes / 1024).max(MAX_PAYLOAD as usize / 1024) as u32;
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
-    let mut detached = export.detached.clone();
+    let detached = export.detached.clone();
     // Every wait of the reader (for the client, for buffer budget, for an in-flight slot, for
     // room to write a reply) also ends on a detach or a shutdown: a client that stalls
     // mid-request or stops reading cannot keep the session, and so the volume and its key.
+    // One stop future for the whole session: it stays registered with both watches between
+    // polls, instead of re-subscribing at every await.
+    let (mut stop_detach, mut stop_shutdown) = (detached.clone(), shutdown.clone());
+    let stop = async {
+        tokio::select! {
+            _ = wait_true(&mut stop_detach) => {}
+            _ = wait_true(&mut stop_shutdown) => {}
+        }
+    };
+    tokio::pin!(stop);
     macro_rules! until_stop {
         ($fut:expr) => {
             tokio::select! {
+                biased;
                 r = $fut => r,
-                _ = wait_true(&mut detached) => break Ok(()),
-                _ = wait_true(&mut shutdown) => break Ok(()),
+                _ = &mut stop => break Ok(()),
             }
         };
     }
