@@ -8,7 +8,8 @@
 #
 # Servers: cryptvol (encrypted volume via the daemon; skipped with a message until `cryptvol
 # serve` works), qemu-nbd + LUKS (aes-256-xts-plain64), nbdkit + luks filter (same image),
-# qemu-nbd raw, nbdkit file raw, nbdkit memory (protocol reference).
+# qemu-nbd raw, nbdkit file raw, nbdkit memory (protocol reference), and cryptvol's own server
+# over its in-memory backend (cryptvol-memory, when examples/memserve is built).
 # Jobs: 1 MiB seq read / write QD8, 4 KiB rand read / write QD32, 4 KiB rand read QD1 (p99).
 # Each job: ramp then measure (3 s + 12 s; --quick: 1 s + 3 s); for each job every server runs
 # in turn, so slow drifts of the machine hit all servers alike.
@@ -148,6 +149,15 @@ want qemu-nbd-raw && start_bg qemu-nbd-raw "nbd+unix:///?socket=$work/qemu-raw.s
     qemu-nbd -k "$work/qemu-raw.sock" -t -e 4 -f raw "$work/raw.img"
 want nbdkit-file && start_bg nbdkit-file "nbd+unix:///?socket=$work/nbdkit-file.sock" \
     nbdkit -f -U "$work/nbdkit-file.sock" file "$work/raw.img"
+# cryptvol's NBD server over its in-memory backend (no encryption, no file): the protocol
+# path against nbdkit memory. Needs `cargo build --release --example memserve`.
+memserve=$repo/target/release/examples/memserve
+if want cryptvol-memory && [ -x "$memserve" ]; then
+    start_bg cryptvol-memory "nbd+unix:///mem?socket=$work/memserve.sock" \
+        "$memserve" "$work/memserve.sock" $(( bytes >> 20 ))
+elif [ -n "$only" ] && want cryptvol-memory; then
+    log "skipping cryptvol-memory: build it with cargo build --release --example memserve"
+fi
 want nbdkit-memory && start_bg nbdkit-memory "nbd+unix:///?socket=$work/nbdkit-mem.sock" \
     nbdkit -f -U "$work/nbdkit-mem.sock" memory "$bytes"
 [ "${#names[@]}" -gt 0 ] || { echo "peers.sh: no server to measure" >&2; exit 2; }
