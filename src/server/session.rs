@@ -96,11 +96,21 @@ pub async fn run(
                     Some(tls) => tokio_rustls::TlsAcceptor::from(tls.clone()),
                     None => unreachable!("STARTTLS is only accepted when TLS is configured"),
                 };
-                let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                    })??;
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                    Err(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        ));
+                    }
+                    Ok(Err(e)) => {
+                        // A refused client certificate (expired, unknown CA, none) ends here:
+                        // worth the operator's eye.
+                        tracing::info!(error = %e, "TLS handshake failed");
+                        return Err(e);
+                    }
+                    Ok(Ok(tls)) => tls,
+                };
                 if peer.tcp {
                     peer.identity =
                         PeerIdentity::from_tls_chain(tls.get_ref().1.peer_certificates());
