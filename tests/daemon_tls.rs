@@ -417,7 +417,7 @@ fn allowed_clients_per_volume() {
 
 #[test]
 fn allowed_clients_need_client_ca() {
-    let mut env = Env::with_config(|d| {
+    let env = Env::with_config(|d| {
         format!(
             "[tls]\ncert = \"{d}/c.pem\"\nkey = \"{d}/k.pem\"\n[tls.allowed_clients]\nv = [\"a\"]\n",
             d = d.display()
@@ -437,7 +437,6 @@ fn allowed_clients_need_client_ca() {
         )),
         "{e}"
     );
-    env.daemon = None;
 }
 
 /// qemu-io over TLS with `tls-creds-x509`: writes a pattern and reads it back; a client not
