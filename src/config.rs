@@ -2,6 +2,7 @@
 //! Every error names the file, the key and the reason.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -49,6 +50,7 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    allowed_clients: Option<BTreeMap<String, Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +74,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// `[tls.allowed_clients]`: volume name -> the client identities (certificate subject
+    /// CN or SAN DNS name) that may see and open it over TLS. Volumes not named: any verified
+    /// client. Empty unless `client_ca` is set.
+    pub allowed_clients: BTreeMap<String, Vec<String>>,
 }
 
 /// The validated configuration.
@@ -157,6 +163,37 @@ impl Config {
                 ));
             }
         }
+        let tls = match raw.tls {
+            None => None,
+            Some(t) => {
+                let allowed_clients = t.allowed_clients.unwrap_or_default();
+                if !allowed_clients.is_empty() && t.client_ca.is_none() {
+                    return Err(err(
+                        "tls.allowed_clients",
+                        "needs tls.client_ca: without client certificates the identities \
+                         would be unverified"
+                            .into(),
+                    ));
+                }
+                for (volume, names) in &allowed_clients {
+                    let key = format!("tls.allowed_clients.{volume}");
+                    if !valid_volume_name(volume) {
+                        return Err(err(&key, format!("{volume:?} is not a valid volume name")));
+                    }
+                    for n in names {
+                        if let Some(reason) = invalid_identity(n) {
+                            return Err(err(&key, format!("{n:?}: {reason}")));
+                        }
+                    }
+                }
+                Some(TlsFiles {
+                    cert: t.cert,
+                    key: t.key,
+                    client_ca: t.client_ca,
+                    allowed_clients,
+                })
+            }
+        };
         let root_key = match (&raw.kms.root_key_file, &raw.kms.root_key_credential) {
             (Some(_), Some(_)) => {
                 return Err(err(
@@ -215,16 +252,35 @@ impl Config {
                 .map(Duration::from_secs),
             max_in_flight: positive("nbd.max_in_flight", raw.nbd.max_in_flight, 64)?,
             max_buffer_bytes: positive("nbd.max_buffer_mib", raw.nbd.max_buffer_mib, 64)? << 20,
-            tls: raw.tls.map(|t| TlsFiles {
-                cert: t.cert,
-                key: t.key,
-                client_ca: t.client_ca,
-            }),
+            tls,
             root_key,
             min_pending_days: min,
             max_pending_days: max,
             state_dir: raw.state_dir,
         })
+    }
+}
+
+/// The daemon's rule for volume names (1-64 of `[A-Za-z0-9._-]`, starting alphanumeric),
+/// repeated here because config depends on no other part: a key that can never name a
+/// volume is a typo, and a typo would leave the intended volume unrestricted.
+fn valid_volume_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .enumerate()
+            .all(|(i, c)| c.is_ascii_alphanumeric() || (i > 0 && b"._-".contains(&c)))
+}
+
+/// Why an allowed-client entry can never match as the operator means it, if it cannot.
+fn invalid_identity(n: &str) -> Option<&'static str> {
+    if n.is_empty() {
+        Some("empty identity")
+    } else if n.contains('*') {
+        Some("wildcards are not supported: list each identity")
+    } else if n.trim() != n || n.chars().any(char::is_control) {
+        Some("leading/trailing whitespace or control characters")
+    } else {
+        None
     }
 }
 
@@ -265,5 +321,45 @@ mod tests {
             parse("state_dir = \"/x\"\n[nbd]\ntcp = \"0.0.0.0:1\"\ninsecure_plaintext = true\n")
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn allowed_clients() {
+        const TLS: &str = "state_dir = \"/x\"\n[tls]\ncert = \"/c\"\nkey = \"/k\"\n";
+        let c = parse(&format!(
+            "{TLS}client_ca = \"/ca\"\n[tls.allowed_clients]\nvol1 = [\"client-a\", \"backup.example.com\"]\nvol2 = []\n"
+        ))
+        .unwrap();
+        let a = &c.tls.unwrap().allowed_clients;
+        assert_eq!(a["vol1"], ["client-a", "backup.example.com"]);
+        assert!(a["vol2"].is_empty());
+        // Without client_ca, an identity would be anyone's claim.
+        let e = parse(&format!("{TLS}[tls.allowed_clients]\nvol1 = [\"a\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/cryptvol.toml: tls.allowed_clients: needs tls.client_ca"),
+            "{e}"
+        );
+        for (bad, why) in [
+            ("\"-v\" = [\"a\"]", "not a valid volume name"),
+            ("v = [\"\"]", "empty identity"),
+            ("v = [\"*.example.com\"]", "wildcards"),
+            ("v = [\" a\"]", "whitespace"),
+            ("v = \"a\"", "invalid type"),
+        ] {
+            let e = parse(&format!(
+                "{TLS}client_ca = \"/ca\"\n[tls.allowed_clients]\n{bad}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = parse(&format!(
+            "{TLS}client_ca = \"/ca\"\n[tls.allowed_clients]\n\"-v\" = [\"a\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(": tls.allowed_clients.-v: "), "{e}");
     }
 }

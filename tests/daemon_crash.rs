@@ -3,10 +3,14 @@
 //! reads back exactly, and that the key store, audit chain and headers are intact. Several
 //! rounds with random kill points.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::Env;
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -20,32 +24,6 @@ fn python() -> String {
     std::env::var("CRYPTVOL_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into())
 }
 
-fn cli(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cryptvol"))
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn start(cfg: &Path) -> Proc {
-    let p = Proc(
-        Command::new(env!("CARGO_BIN_EXE_cryptvol"))
-            .args(["serve", "--config"])
-            .arg(cfg)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cli(cfg, &["volume", "list"]).status.success() {
-        assert!(Instant::now() < deadline, "daemon did not come up");
-        std::thread::sleep(Duration::from_millis(30));
-    }
-    p
-}
-
 #[test]
 fn kill_9_loses_nothing_flushed() {
     let py = python();
@@ -57,53 +35,18 @@ fn kill_9_loses_nothing_flushed() {
         eprintln!("SKIP: {py} has no libnbd binding (python3-libnbd)");
         return;
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("cvcr")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let d = tmp.path();
-    let state = d.join("s");
-    assert!(
-        cli(
-            Path::new("/dev/null"),
-            &["init", "--state-dir", state.to_str().unwrap()]
-        )
-        .status
-        .success()
-    );
-    let cfg: PathBuf = d.join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{}\"\n[control]\nsocket = \"{d}/c.sock\"\n[nbd]\nunix_socket = \"{d}/n.sock\"\n",
-            state.display(),
-            d = d.display()
-        ),
-    )
-    .unwrap();
-    let uri = format!("nbd+unix:///v?socket={}/n.sock", d.display());
+    let mut env = Env::new();
+    let uri = env.uri("v");
     let blocks = "256";
-    {
-        let _d = start(&cfg);
-        assert!(
-            cli(&cfg, &["key", "create", "--alias", "k"])
-                .status
-                .success()
-        );
-        assert!(
-            cli(
-                &cfg,
-                &["volume", "create", "v", "--size", "4M", "--key", "k"]
-            )
-            .status
-            .success()
-        );
-        assert!(cli(&cfg, &["volume", "attach", "v"]).status.success());
-    }
+    env.start();
+    env.json(&["key", "create", "--alias", "k"]);
+    env.json(&["volume", "create", "v", "--size", "4M", "--key", "k"]);
+    env.json(&["volume", "attach", "v"]);
+    assert!(env.stop().success(), "{}", env.log());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut seed = std::process::id() as u64 | 1;
     for round in 0..6 {
-        let mut daemon = start(&cfg);
+        env.start();
         let mut w = Proc(
             Command::new(&py)
                 .arg(root.join("tests/py/crash_writer.py"))
@@ -125,8 +68,7 @@ fn kill_9_loses_nothing_flushed() {
             flushed = l.trim_start_matches("flushed ").parse().unwrap();
         }
         std::thread::sleep(Duration::from_millis(seed % 40));
-        daemon.0.kill().unwrap(); // SIGKILL
-        daemon.0.wait().unwrap();
+        env.kill(); // SIGKILL
         // Everything the writer saw flushed before the kill counts.
         for l in lines.map_while(Result::ok) {
             if let Some(n) = l.strip_prefix("flushed ") {
@@ -134,7 +76,7 @@ fn kill_9_loses_nothing_flushed() {
             }
         }
         drop(w);
-        let _d = start(&cfg);
+        env.start();
         let o = Command::new(&py)
             .arg(root.join("tests/py/crash_check.py"))
             .args([&uri, blocks, &flushed.to_string()])
@@ -146,7 +88,7 @@ fn kill_9_loses_nothing_flushed() {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-        let audit = cli(&cfg, &["audit", "verify"]);
+        let audit = env.cli(&["audit", "verify"]);
         assert!(
             audit.status.success(),
             "audit chain after kill: {}",
@@ -158,5 +100,6 @@ fn kill_9_loses_nothing_flushed() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(env.stop().success(), "{}", env.log());
     }
 }

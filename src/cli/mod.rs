@@ -225,10 +225,15 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Log filter unless CRYPTVOL_LOG is set. rustls warns about peers' protocol quirks that no
+/// operator can act on (libnbd/GnuTLS send an IP address as SNI: a warning per connection).
+const DEFAULT_LOG: &str = "info,rustls=error";
+
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     // Under systemd, stderr goes to the journal; no key byte is ever logged.
-    let filter = EnvFilter::try_from_env("CRYPTVOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("CRYPTVOL_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
     let _ = tracing_subscriber::fmt()

@@ -8,7 +8,8 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use crate::server::{Backend, ExportInfo, ExportRegistry, Extent, OpenExport};
+use super::access::ClientPolicy;
+use crate::server::{Backend, ExportInfo, ExportRegistry, Extent, OpenExport, PeerIdentity};
 use crate::volume::{Volume, VolumeError};
 
 fn io_err(e: VolumeError) -> io::Error {
@@ -81,6 +82,7 @@ pub struct Attached {
 pub struct Exports {
     map: RwLock<BTreeMap<String, Arc<Attached>>>,
     max_per_export: usize,
+    policy: ClientPolicy,
 }
 
 /// Counts a connection for the life of the session.
@@ -93,11 +95,15 @@ impl Drop for ClientGuard {
 }
 
 impl Exports {
-    pub fn new(max_per_export: usize) -> Exports {
+    pub fn new(max_per_export: usize, policy: ClientPolicy) -> Exports {
         Exports {
             map: RwLock::new(BTreeMap::new()),
             max_per_export,
+            policy,
         }
+    }
+    pub fn policy(&self) -> &ClientPolicy {
+        &self.policy
     }
     pub fn insert(&self, name: &str, a: Attached) {
         self.map
@@ -129,17 +135,23 @@ impl Exports {
 }
 
 impl ExportRegistry for Exports {
-    fn list(&self) -> Vec<ExportInfo> {
+    fn list(&self, peer: &PeerIdentity) -> Vec<ExportInfo> {
         self.all()
             .into_iter()
+            .filter(|(name, _)| self.policy.permits(name, peer))
             .map(|(name, a)| ExportInfo {
                 name,
                 description: a.description.clone(),
             })
             .collect()
     }
-    fn open(&self, name: &str) -> Option<OpenExport> {
+    fn open(&self, name: &str, peer: &PeerIdentity) -> Option<OpenExport> {
         let a = self.get(name)?;
+        if !self.policy.permits(name, peer) {
+            // Answered as "no such export": the client learns nothing about it.
+            tracing::warn!(export = name, client = %peer, "client not allowed for this export");
+            return None;
+        }
         // Per-export cap: count first, back out if over.
         if a.clients.fetch_add(1, Ordering::SeqCst) >= self.max_per_export {
             a.clients.fetch_sub(1, Ordering::SeqCst);

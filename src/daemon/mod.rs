@@ -2,6 +2,7 @@
 //! implements every volume operation (the API layer only maps HTTP to these calls), and runs
 //! the lifecycle (`run`): config -> state -> restore attachments -> serve; signals; sd_notify.
 
+pub mod access;
 pub mod exports;
 mod run;
 mod state;
@@ -123,12 +124,17 @@ pub fn parse_size(s: &str) -> Option<u64> {
 }
 
 impl Daemon {
-    pub fn new(state_dir: &Path, kms: Kms, max_per_export: usize) -> Result<Daemon, DaemonError> {
+    pub fn new(
+        state_dir: &Path,
+        kms: Kms,
+        max_per_export: usize,
+        policy: access::ClientPolicy,
+    ) -> Result<Daemon, DaemonError> {
         std::fs::create_dir_all(state_dir.join("volumes"))?;
         let attach_state = AttachState::load(state_dir)?;
         Ok(Daemon {
             kms,
-            exports: Arc::new(Exports::new(max_per_export)),
+            exports: Arc::new(Exports::new(max_per_export, policy)),
             state_dir: state_dir.to_owned(),
             attach_state: std::sync::Mutex::new(attach_state),
             ops: std::sync::Mutex::new(()),

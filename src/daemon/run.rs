@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use super::access::ClientPolicy;
 use super::{Daemon, DaemonError};
 use crate::api::{self, Access};
 use crate::config::{Config, RootKeySource};
@@ -117,14 +118,36 @@ impl Running {
             },
         )
         .map_err(|e| format!("key store: {e}"))?;
+        let policy = ClientPolicy::new(
+            cfg.tls
+                .as_ref()
+                .map(|t| t.allowed_clients.clone())
+                .unwrap_or_default(),
+        );
         let daemon = Arc::new(
-            Daemon::new(&cfg.state_dir, kms, cfg.max_connections_per_export)
+            Daemon::new(&cfg.state_dir, kms, cfg.max_connections_per_export, policy)
                 .map_err(|e| e.to_string())?,
         );
         let d = daemon.clone();
-        tokio::task::spawn_blocking(move || d.restore())
-            .await
-            .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || {
+            d.restore();
+            // A name that matches no volume is likely a typo that leaves the intended volume
+            // open to every client: say so (the volume may also simply be created later).
+            let names: Vec<String> = d
+                .list_volumes()
+                .map(|v| v.into_iter().map(|v| v.name).collect())
+                .unwrap_or_default();
+            for r in d.exports.policy().restricted() {
+                if !names.iter().any(|n| n == r) {
+                    tracing::warn!(
+                        volume = r,
+                        "tls.allowed_clients names a volume that does not exist (yet)"
+                    );
+                }
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
 
         let (shutdown, rx) = watch::channel(false);
         let mut listeners = vec![Listener::Unix(

@@ -5,6 +5,8 @@
 use std::io;
 use std::sync::Arc;
 
+use super::PeerIdentity;
+
 /// One allocation extent for `base:allocation` block status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -55,8 +57,11 @@ pub struct OpenExport {
 }
 
 /// The set of exports the server offers: the daemon's attached volumes, or a fixed map in tests.
+/// Every call names the peer asking, so the registry can decide who sees what: the server
+/// answers an export `open` refuses exactly like one that does not exist.
 pub trait ExportRegistry: Send + Sync + 'static {
-    fn list(&self) -> Vec<ExportInfo>;
-    /// `None` when no export of that name is attached.
-    fn open(&self, name: &str) -> Option<OpenExport>;
+    /// The exports `peer` may see (`NBD_OPT_LIST`).
+    fn list(&self, peer: &PeerIdentity) -> Vec<ExportInfo>;
+    /// `None` when no export of that name is attached, or `peer` may not have it.
+    fn open(&self, name: &str, peer: &PeerIdentity) -> Option<OpenExport>;
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::sync::{Arc, RwLock};
 
 use super::backend::{Backend, ExportInfo, ExportRegistry, Extent, OpenExport};
+use super::identity::PeerIdentity;
 
 const PAGE: u64 = 4096;
 
@@ -105,7 +106,7 @@ impl StaticRegistry {
 }
 
 impl ExportRegistry for StaticRegistry {
-    fn list(&self) -> Vec<ExportInfo> {
+    fn list(&self, _peer: &PeerIdentity) -> Vec<ExportInfo> {
         let mut v: Vec<ExportInfo> = self
             .exports
             .keys()
@@ -117,7 +118,7 @@ impl ExportRegistry for StaticRegistry {
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
-    fn open(&self, name: &str) -> Option<OpenExport> {
+    fn open(&self, name: &str, _peer: &PeerIdentity) -> Option<OpenExport> {
         let (backend, read_only) = self.exports.get(name)?.clone();
         let detached = match &self.detach {
             Some(tx) => tx.subscribe(),

@@ -7,6 +7,7 @@
 
 pub mod backend;
 mod bufpool;
+mod identity;
 mod mem;
 mod session;
 
@@ -19,6 +20,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 pub use backend::{Backend, ExportInfo, ExportRegistry, Extent, OpenExport};
+pub use identity::{CertNames, PeerIdentity};
 pub use mem::{MemBackend, StaticRegistry};
 
 /// Limits and TLS for a server.
@@ -119,6 +121,11 @@ async fn accept_loop(
             let peer = session::Peer {
                 tcp,
                 tls_active: false,
+                identity: if tcp {
+                    PeerIdentity::Anonymous
+                } else {
+                    PeerIdentity::Local
+                },
             };
             if let Err(e) = session::run(stream, registry, cfg, peer, shutdown).await {
                 tracing::debug!(error = %e, "session ended with an error");

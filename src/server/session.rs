@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use super::ServerConfig;
 use super::backend::{Backend, ExportRegistry, OpenExport};
 use super::bufpool::BufPool;
+use super::identity::PeerIdentity;
 use crate::nbd::DecodeError;
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, OPTION_HEADER_LEN};
@@ -50,6 +51,9 @@ enum Outcome {
 pub struct Peer {
     pub tcp: bool,
     pub tls_active: bool,
+    /// Who the registry is asked on behalf of; set from the client certificate after
+    /// STARTTLS on TCP (a Unix-socket client stays `Local`).
+    pub identity: PeerIdentity,
 }
 
 const BASE_ALLOCATION_ID: u32 = 1;
@@ -92,11 +96,26 @@ pub async fn run(
                     Some(tls) => tokio_rustls::TlsAcceptor::from(tls.clone()),
                     None => unreachable!("STARTTLS is only accepted when TLS is configured"),
                 };
-                let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                    })??;
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                    Err(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        ));
+                    }
+                    Ok(Err(e)) => {
+                        // A refused client certificate (expired, unknown CA, none) ends here:
+                        // worth the operator's eye.
+                        tracing::info!(error = %e, "TLS handshake failed");
+                        return Err(e);
+                    }
+                    Ok(Ok(tls)) => tls,
+                };
+                if peer.tcp {
+                    peer.identity =
+                        PeerIdentity::from_tls_chain(tls.get_ref().1.peer_certificates());
+                    tracing::debug!(client = %peer.identity, "TLS established");
+                }
                 stream = Box::new(tls);
                 peer.tls_active = true;
             }
@@ -136,17 +155,22 @@ fn transmission_flags(export: &OpenExport, structured: bool) -> u16 {
     f
 }
 
-/// Resolves a name; the empty name (kernel client without -N) means the only export, if one.
-fn open_export(registry: &dyn ExportRegistry, name: &str) -> Option<(OpenExport, String)> {
+/// Resolves a name for `peer`; the empty name (kernel client without -N) means the only
+/// export that peer may see, if one.
+fn open_export(
+    registry: &dyn ExportRegistry,
+    name: &str,
+    peer: &PeerIdentity,
+) -> Option<(OpenExport, String)> {
     if name.is_empty() {
-        let list = registry.list();
+        let list = registry.list(peer);
         if list.len() == 1 {
             let n = list[0].name.clone();
-            return registry.open(&n).map(|e| (e, n));
+            return registry.open(&n, peer).map(|e| (e, n));
         }
         return None;
     }
-    registry.open(name).map(|e| (e, name.to_owned()))
+    registry.open(name, peer).map(|e| (e, name.to_owned()))
 }
 
 /// One round of option haggling, until GO/EXPORT_NAME, STARTTLS, ABORT or a fatal error.
@@ -185,7 +209,7 @@ async fn negotiate(
         match opt {
             NBD_OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some((export, name)) = open_export(registry, &name) else {
+                let Some((export, name)) = open_export(registry, &name, &peer.identity) else {
                     return Ok(Outcome::Close);
                 };
                 // Structured replies and meta contexts negotiated before EXPORT_NAME stay in
@@ -220,7 +244,7 @@ async fn negotiate(
                         continue;
                     }
                 };
-                let Some((export, name)) = open_export(registry, &req.name) else {
+                let Some((export, name)) = open_export(registry, &req.name, &peer.identity) else {
                     handshake::encode_option_reply(
                         &mut out,
                         opt,
@@ -238,7 +262,7 @@ async fn negotiate(
                         }
                         NBD_INFO_DESCRIPTION => {
                             let d = registry
-                                .list()
+                                .list(&peer.identity)
                                 .into_iter()
                                 .find(|e| e.name == name)
                                 .map(|e| e.description);
@@ -286,7 +310,7 @@ async fn negotiate(
                         b"LIST takes no data",
                     );
                 } else {
-                    for e in registry.list() {
+                    for e in registry.list(&peer.identity) {
                         handshake::encode_server(&mut out, &e.name, &e.description);
                     }
                     handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
@@ -349,7 +373,7 @@ async fn negotiate(
                         NBD_REP_ERR_INVALID,
                         b"malformed request",
                     ),
-                    Ok(req) if open_export(registry, &req.export).is_none() => {
+                    Ok(req) if open_export(registry, &req.export, &peer.identity).is_none() => {
                         handshake::encode_option_reply(
                             &mut out,
                             opt,
@@ -367,7 +391,8 @@ async fn negotiate(
                         };
                         if set {
                             meta_allocation = matches;
-                            meta_export = open_export(registry, &req.export).map(|(_, n)| n);
+                            meta_export =
+                                open_export(registry, &req.export, &peer.identity).map(|(_, n)| n);
                         }
                         if matches {
                             handshake::encode_meta_context(

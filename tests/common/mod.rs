@@ -19,6 +19,13 @@ pub struct Env {
 impl Env {
     /// A fresh state dir and config (min_pending_days = 0 so tests reach the end of a window).
     pub fn new() -> Env {
+        Env::with_config(|_| String::new())
+    }
+
+    /// Like [`Env::new`], with more TOML merged into the config: `extra` gets the temp dir
+    /// (for certificate paths and the like) and returns TOML whose tables are merged key by
+    /// key into the base config, so `[nbd]\ntcp = ...` adds to the base's `[nbd]`.
+    pub fn with_config(extra: impl FnOnce(&Path) -> String) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("cv")
             .tempdir_in("/tmp")
@@ -35,15 +42,17 @@ impl Env {
             String::from_utf8_lossy(&o.stderr)
         );
         let cfg = dir.path().join("c.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "state_dir = \"{}\"\n[control]\nsocket = \"{d}/c.sock\"\n[nbd]\nunix_socket = \"{d}/n.sock\"\n[kms]\nmin_pending_days = 0\n",
-                state.display(),
-                d = dir.path().display()
-            ),
-        )
-        .unwrap();
+        let base = format!(
+            "state_dir = \"{}\"\n[control]\nsocket = \"{d}/c.sock\"\n[nbd]\nunix_socket = \"{d}/n.sock\"\n[kms]\nmin_pending_days = 0\n",
+            state.display(),
+            d = dir.path().display()
+        );
+        let mut table: toml::Table = base.parse().unwrap();
+        let extra: toml::Table = extra(dir.path())
+            .parse()
+            .unwrap_or_else(|e| panic!("extra config: {e}"));
+        merge(&mut table, extra);
+        std::fs::write(&cfg, toml::to_string(&table).unwrap()).unwrap();
         Env {
             dir,
             cfg,
@@ -63,9 +72,15 @@ impl Env {
         )
     }
 
-    /// Starts `cryptvol serve` and waits until the control socket answers.
+    /// Starts `cryptvol serve` and waits until the control socket answers. The daemon's
+    /// stderr goes to `daemon.log` in the temp dir, appended across restarts.
     pub fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
         let child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&self.cfg)
@@ -98,6 +113,13 @@ impl Env {
             .args(["-TERM", &c.id().to_string()])
             .status();
         c.wait().unwrap()
+    }
+
+    /// SIGKILL (a crash: no shutdown path runs), and wait for it.
+    pub fn kill(&mut self) {
+        let mut c = self.daemon.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
     }
 
     pub fn log(&self) -> String {
@@ -158,6 +180,18 @@ impl Drop for Env {
         if let Some(mut c) = self.daemon.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// Merges `extra` into `base`: tables recursively, any other value replaced.
+fn merge(base: &mut toml::Table, extra: toml::Table) {
+    for (k, v) in extra {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => merge(b, e),
+            (_, v) => {
+                base.insert(k, v);
+            }
         }
     }
 }
