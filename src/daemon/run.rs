@@ -189,7 +189,7 @@ impl Running {
                 .map_err(|e| format!("{}: {e}", cfg.control_socket.display()))?;
         }
         let access = Access {
-            daemon_uid: current_uid(),
+            daemon_uid: super::sys::effective_uid(),
             group,
         };
         let api = tokio::spawn(api::serve(control, daemon.clone(), access, rx));
@@ -225,14 +225,6 @@ impl Running {
         })
         .await;
     }
-}
-
-fn current_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    // The uid owning /proc/self is the process's effective uid.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
 }
 
 async fn wait_for_signal() {
@@ -286,7 +278,7 @@ pub async fn demo() -> Result<(), String> {
     let running = Running::start(&cfg).await?;
     let d = running.daemon.clone();
     let c = Caller {
-        uid: current_uid(),
+        uid: super::sys::effective_uid(),
         pid: std::process::id() as i32,
     };
     let info = tokio::task::spawn_blocking(move || -> Result<super::VolumeInfo, DaemonError> {

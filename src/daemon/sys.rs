@@ -25,3 +25,10 @@ pub fn private_umask() {
     // SAFETY: umask only sets the process file-mode mask; it cannot fail.
     unsafe { libc::umask(0o077) };
 }
+
+/// The effective uid. Not the owner of /proc/self: that is root once the process is not
+/// dumpable, whatever its uid.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
