@@ -1,7 +1,8 @@
 //! The control API: HTTP/1.1 + JSON on a Unix socket (hyper). KMS operations follow the cloud
 //! KMS API (`POST /v1/kms/<operation>`, its field names, numbers as strings, binary as hex);
 //! volume operations live under `/v1/volumes`. Every request is checked against the peer's
-//! credentials (SO_PEERCRED) and the caller is recorded in the audit log. Routes: `docs/api.md`.
+//! credentials (SO_PEERCRED, SO_PEERGROUPS) and the caller is recorded in the audit log.
+//! Routes: `docs/api.md`.
 
 mod auth;
 mod kms_ops;
@@ -108,7 +109,12 @@ pub async fn serve(
             uid: cred.uid(),
             pid: cred.pid().unwrap_or(0),
         };
-        let allowed = access.allows(cred.uid(), cred.gid(), cred.pid());
+        let groups = auth::peer_groups(&stream).unwrap_or_else(|e| {
+            // Linux < 4.13: only the peer's primary group can be checked.
+            tracing::warn!(error = %e, "no peer groups (SO_PEERGROUPS)");
+            Vec::new()
+        });
+        let allowed = access.allows(cred.uid(), cred.gid(), &groups);
         let daemon = daemon.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
