@@ -223,3 +223,108 @@ pub fn file_blocks(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).unwrap().blocks()
 }
+
+// Daemons under another uid, config edits and /proc figures (privilege and memory tests).
+
+/// Whether the tests run as root: only then can they start processes under other uids.
+pub fn is_root() -> bool {
+    proc_status("self", "Uid:").is_some_and(|v| v.split_whitespace().next() == Some("0"))
+}
+
+/// The value of one `/proc/PID/status` line (`key` with its colon, e.g. `"VmHWM:"`), trimmed.
+pub fn proc_status(pid: &str, key: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_owned())
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+pub fn proc_kib(pid: u32, key: &str) -> u64 {
+    proc_status(&pid.to_string(), key)
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+/// `setpriv` arguments that run a command as `uid:gid` with exactly the supplementary
+/// `groups` and no capabilities (setpriv execs, so the pid stays the command's).
+pub fn as_user(uid: u32, gid: u32, groups: &[u32]) -> Vec<String> {
+    let mut v = vec![
+        "setpriv".to_owned(),
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+    ];
+    if groups.is_empty() {
+        v.push("--clear-groups".into());
+    } else {
+        let g: Vec<String> = groups.iter().map(u32::to_string).collect();
+        v.push(format!("--groups={}", g.join(",")));
+    }
+    v
+}
+
+impl Env {
+    /// Adds `key = value` (value as TOML) to `[table]` of the config, before the daemon starts.
+    pub fn set(&self, table: &str, key: &str, value: &str) {
+        let text = std::fs::read_to_string(&self.cfg).unwrap();
+        let head = format!("[{table}]\n");
+        let at = text.find(&head).expect("table in the config") + head.len();
+        let text = format!("{}{key} = {value}\n{}", &text[..at], &text[at..]);
+        std::fs::write(&self.cfg, text).unwrap();
+    }
+
+    /// Hands the test dir (state dir, sockets, log) to `uid:gid`, and lets other users reach
+    /// its sockets (the dir becomes 0755; the state dir stays 0700).
+    pub fn give_to(&self, uid: u32, gid: u32) {
+        let o = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{gid}"))
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "chown: {o:?}");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// Like [`Env::start`], with the daemon run by `wrapper` (e.g. [`as_user`]), which must
+    /// exec it so that the child's pid is the daemon's.
+    pub fn start_via(&mut self, wrapper: &[String]) {
+        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(&wrapper[0])
+            .args(&wrapper[1..])
+            .arg(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.cfg)
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.cli(&["volume", "list"]).status.success() {
+            if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {st}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "no answer: {}", self.log());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The running daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().expect("running").id()
+    }
+
+    /// A CLI command run through `wrapper` (e.g. [`as_user`]).
+    pub fn cli_via(&self, wrapper: &[String], args: &[&str]) -> Output {
+        Command::new(&wrapper[0])
+            .args(&wrapper[1..])
+            .arg(BIN)
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}

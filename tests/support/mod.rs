@@ -160,14 +160,7 @@ impl TestServer {
 
     /// A raw connection with the greeting already read and checked.
     pub fn connect(&self) -> Conn {
-        let s = UnixStream::connect(&self.sock).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
-        let mut c = Conn { s };
-        let g = c.read_n(18);
-        assert_eq!(&g[0..8], b"NBDMAGIC");
-        assert_eq!(&g[8..16], b"IHAVEOPT");
-        c
+        Conn::connect(&self.sock)
     }
 
     /// The NBD URI of an export, for libnbd-based clients.
@@ -289,6 +282,18 @@ pub fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
 }
 
 impl Conn {
+    /// A raw connection to any NBD Unix socket, with the greeting already read and checked.
+    pub fn connect(sock: &std::path::Path) -> Conn {
+        let s = UnixStream::connect(sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut c = Conn { s };
+        let g = c.read_n(18);
+        assert_eq!(&g[0..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        c
+    }
+
     pub fn write(&mut self, b: &[u8]) {
         self.s.write_all(b).expect("write to server");
     }
