@@ -246,6 +246,16 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             "refusing to run: the process is dumpable (keys could reach a core dump)".into(),
         );
     }
+    // Listeners, volumes, control connections and a margin besides the NBD connections.
+    let need = cfg.max_connections as u64 + 64;
+    match super::sys::raise_fd_limit() {
+        Some(n) if n < need => tracing::warn!(
+            limit = n,
+            need,
+            "RLIMIT_NOFILE is below nbd.max_connections + 64: connections past it are refused"
+        ),
+        _ => {}
+    }
     let running = Running::start(&cfg).await?;
     let attached = running.daemon.exports.all().len();
     tracing::info!(nbd = %cfg.nbd_unix_socket.display(), control = %cfg.control_socket.display(), attached, "cryptvol ready");
