@@ -87,10 +87,10 @@ fn daemon_memory_is_bounded_under_idle_and_non_reading_clients() {
         eprintln!("SKIP: RLIMIT_NOFILE hard limit below {fds}");
         return;
     }
-    let mut e = Env::new();
-    let cap = (IDLE + NON_READING + STALLED + 16).to_string();
-    e.set("nbd", "max_connections", &cap);
-    e.set("nbd", "max_connections_per_export", &cap);
+    let cap = IDLE + NON_READING + STALLED + 16;
+    let mut e = Env::with_config(|_| {
+        format!("[nbd]\nmax_connections = {cap}\nmax_connections_per_export = {cap}\n")
+    });
     e.start();
     e.json(&["key", "create", "--alias", "k"]);
     e.json(&["volume", "create", "v", "--size", "64M", "--key", "k"]);

@@ -29,10 +29,10 @@ fn can_switch_uids(test: &str) -> bool {
 
 /// A daemon as DAEMON_UID, its state and sockets owned by it; `wrapper` goes before setpriv.
 fn unprivileged_daemon(wrapper: &[&str], groups: &[u32], control_group: Option<u32>) -> Env {
-    let mut e = Env::new();
-    if let Some(g) = control_group {
-        e.set("control", "group", &format!("\"{g}\""));
-    }
+    let mut e = Env::with_config(|_| match control_group {
+        Some(g) => format!("[control]\ngroup = \"{g}\"\n"),
+        None => String::new(),
+    });
     e.give_to(DAEMON_UID, DAEMON_UID);
     let mut w: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
     w.extend(as_user(DAEMON_UID, DAEMON_UID, groups));

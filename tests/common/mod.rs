@@ -264,15 +264,6 @@ pub fn as_user(uid: u32, gid: u32, groups: &[u32]) -> Vec<String> {
 }
 
 impl Env {
-    /// Adds `key = value` (value as TOML) to `[table]` of the config, before the daemon starts.
-    pub fn set(&self, table: &str, key: &str, value: &str) {
-        let text = std::fs::read_to_string(&self.cfg).unwrap();
-        let head = format!("[{table}]\n");
-        let at = text.find(&head).expect("table in the config") + head.len();
-        let text = format!("{}{key} = {value}\n{}", &text[..at], &text[at..]);
-        std::fs::write(&self.cfg, text).unwrap();
-    }
-
     /// Hands the test dir (state dir, sockets, log) to `uid:gid`, and lets other users reach
     /// its sockets (the dir becomes 0755; the state dir stays 0700).
     pub fn give_to(&self, uid: u32, gid: u32) {
@@ -290,7 +281,12 @@ impl Env {
     /// Like [`Env::start`], with the daemon run by `wrapper` (e.g. [`as_user`]), which must
     /// exec it so that the child's pid is the daemon's.
     pub fn start_via(&mut self, wrapper: &[String]) {
-        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
         let child = Command::new(&wrapper[0])
             .args(&wrapper[1..])
             .arg(BIN)
