@@ -615,15 +615,18 @@ async fn transmission(
     // room to write a reply) also ends on a detach or a shutdown: a client that stalls
     // mid-request or stops reading cannot keep the session, and so the volume and its key.
     // One stop future for the whole session: it stays registered with both watches between
-    // polls, instead of re-subscribing at every await.
+    // polls, instead of re-subscribing at every await. A dead writer (the client closed or
+    // broke the connection) also stops the reader: nothing more could be answered, so the
+    // requests still buffered are not worth executing.
     let (mut stop_detach, mut stop_shutdown) = (detached.clone(), shutdown.clone());
-    let stop = async {
+    let writer_gone = reply_tx.clone();
+    let mut stop = Box::pin(async move {
         tokio::select! {
             _ = wait_true(&mut stop_detach) => {}
             _ = wait_true(&mut stop_shutdown) => {}
+            _ = writer_gone.closed() => {}
         }
-    };
-    tokio::pin!(stop);
+    });
     macro_rules! until_stop {
         ($fut:expr) => {
             tokio::select! {
@@ -757,8 +760,9 @@ async fn transmission(
             }
         });
     };
-    // Let in-flight requests finish (their replies still go out), then close.
-    drop(reply_tx);
+    // Let in-flight requests finish (their replies still go out), then close. (`stop` holds
+    // a sender too: the writer ends once every sender is gone.)
+    drop((stop, reply_tx));
     let writer_abort = writer.abort_handle();
     let drain = async {
         let _ = in_flight

@@ -75,35 +75,7 @@ impl Env {
     /// Starts `cryptvol serve` and waits until the control socket answers. The daemon's
     /// stderr goes to `daemon.log` in the temp dir, appended across restarts.
     pub fn start(&mut self) {
-        assert!(self.daemon.is_none(), "daemon already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("daemon.log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&self.cfg)
-            .stderr(log)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.cli(&["volume", "list"]).status.success() {
-                return;
-            }
-            if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited with {st}: {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not answer: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        self.start_via(&[]);
     }
 
     /// SIGTERM, and the exit status.
@@ -287,9 +259,15 @@ impl Env {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(&wrapper[0])
-            .args(&wrapper[1..])
-            .arg(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&self.cfg)
             .stderr(log)
@@ -302,7 +280,11 @@ impl Env {
             if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited with {st}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "no answer: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not answer: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
