@@ -218,6 +218,17 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// [`tls_env`] on a free port with each of `volumes` (16 MiB, key `k`) created and attached.
+fn tls_volumes(extra: &str, volumes: &[&str]) -> (Env, u16) {
+    let port = free_port();
+    let env = tls_env(port, extra);
+    for v in volumes {
+        env.json(&["volume", "create", v, "--size", "16M", "--key", "k"]);
+        env.json(&["volume", "attach", v]);
+    }
+    (env, port)
+}
+
 fn tools(names: &[&str]) -> bool {
     match names.iter().find(|t| !have(t)) {
         Some(t) => {
@@ -233,10 +244,7 @@ fn nbds_with_client_certificates() {
     if !tools(&["openssl", "nbdinfo"]) {
         return;
     }
-    let port = free_port();
-    let env = tls_env(port, "");
-    env.json(&["volume", "create", "v", "--size", "16M", "--key", "k"]);
-    env.json(&["volume", "attach", "v"]);
+    let (env, port) = tls_volumes("", &["v"]);
     let d = env.dir.path();
     let good = client_dir(d, "ca", Some("client-a"));
     let nocert = client_dir(d, "ca", None);
@@ -337,17 +345,12 @@ fn allowed_clients_per_volume() {
     if !tools(&["openssl", "nbdinfo"]) {
         return;
     }
-    let port = free_port();
     // vol1 by CN, vol2 by SAN DNS name (the certificate spells it in mixed case); vol3 is
     // not listed, so every verified client has it.
-    let env = tls_env(
-        port,
+    let (env, port) = tls_volumes(
         "[tls.allowed_clients]\nvol1 = [\"client-a\"]\nvol2 = [\"backup.example.com\"]\n",
+        &["vol1", "vol2", "vol3"],
     );
-    for v in ["vol1", "vol2", "vol3"] {
-        env.json(&["volume", "create", v, "--size", "8M", "--key", "k"]);
-        env.json(&["volume", "attach", v]);
-    }
     let d = env.dir.path();
     let a = client_dir(d, "ca", Some("client-a"));
     let b = client_dir(d, "ca", Some("client-b"));
@@ -369,7 +372,7 @@ fn allowed_clients_per_volume() {
     for (v, certs) in [("vol1", &a), ("vol3", &a), ("vol2", &b), ("vol3", &b)] {
         let o = size(v, certs);
         assert!(o.status.success(), "{v} via {certs:?}: {}", stderr(&o));
-        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "8388608");
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "16777216");
     }
     // ... and is told "unknown export" for the rest, exactly as for a name that does not
     // exist: the refusal does not reveal that the volume exists.
@@ -446,10 +449,7 @@ fn qemu_io_over_tls() {
     if !tools(&["openssl", "qemu-io"]) {
         return;
     }
-    let port = free_port();
-    let env = tls_env(port, "[tls.allowed_clients]\nqv = [\"client-a\"]\n");
-    env.json(&["volume", "create", "qv", "--size", "16M", "--key", "k"]);
-    env.json(&["volume", "attach", "qv"]);
+    let (env, port) = tls_volumes("[tls.allowed_clients]\nqv = [\"client-a\"]\n", &["qv"]);
     let d = env.dir.path();
     let qemu = |certs: &Path, cmds: &[&str]| {
         let mut c = Command::new("qemu-io");
@@ -520,10 +520,7 @@ fn fio_over_nbds() {
     if root && !tools(&["setpriv"]) {
         return;
     }
-    let port = free_port();
-    let env = tls_env(port, "[tls.allowed_clients]\nfv = [\"client-a\"]\n");
-    env.json(&["volume", "create", "fv", "--size", "16M", "--key", "k"]);
-    env.json(&["volume", "attach", "fv"]);
+    let (env, port) = tls_volumes("[tls.allowed_clients]\nfv = [\"client-a\"]\n", &["fv"]);
     let d = env.dir.path();
     // A HOME per client, outside the daemon's 0700 temp dir so that nobody can read it.
     let homes = tempfile::Builder::new()
