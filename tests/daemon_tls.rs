@@ -218,15 +218,19 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// [`tls_env`] on a free port with each of `volumes` (16 MiB, key `k`) created and attached.
-fn tls_volumes(extra: &str, volumes: &[&str]) -> (Env, u16) {
+/// [`tls_env`] on a free port with each of `volumes` (16 MiB, key `k`) created and attached;
+/// `None` (the test skips) when a tool in `needs` is missing.
+fn tls_volumes(needs: &[&str], extra: &str, volumes: &[&str]) -> Option<(Env, u16)> {
+    if !tools(needs) {
+        return None;
+    }
     let port = free_port();
     let env = tls_env(port, extra);
     for v in volumes {
         env.json(&["volume", "create", v, "--size", "16M", "--key", "k"]);
         env.json(&["volume", "attach", v]);
     }
-    (env, port)
+    Some((env, port))
 }
 
 fn tools(names: &[&str]) -> bool {
@@ -241,10 +245,9 @@ fn tools(names: &[&str]) -> bool {
 
 #[test]
 fn nbds_with_client_certificates() {
-    if !tools(&["openssl", "nbdinfo"]) {
+    let Some((env, port)) = tls_volumes(&["openssl", "nbdinfo"], "", &["v"]) else {
         return;
-    }
-    let (env, port) = tls_volumes("", &["v"]);
+    };
     let d = env.dir.path();
     let good = client_dir(d, "ca", Some("client-a"));
     let nocert = client_dir(d, "ca", None);
@@ -342,15 +345,13 @@ h.opt_abort()
 
 #[test]
 fn allowed_clients_per_volume() {
-    if !tools(&["openssl", "nbdinfo"]) {
-        return;
-    }
     // vol1 by CN, vol2 by SAN DNS name (the certificate spells it in mixed case); vol3 is
     // not listed, so every verified client has it.
-    let (env, port) = tls_volumes(
-        "[tls.allowed_clients]\nvol1 = [\"client-a\"]\nvol2 = [\"backup.example.com\"]\n",
-        &["vol1", "vol2", "vol3"],
-    );
+    let allowed = "[tls.allowed_clients]\nvol1 = [\"client-a\"]\nvol2 = [\"backup.example.com\"]\n";
+    let needs = ["openssl", "nbdinfo"];
+    let Some((env, port)) = tls_volumes(&needs, allowed, &["vol1", "vol2", "vol3"]) else {
+        return;
+    };
     let d = env.dir.path();
     let a = client_dir(d, "ca", Some("client-a"));
     let b = client_dir(d, "ca", Some("client-b"));
@@ -446,10 +447,10 @@ fn allowed_clients_need_client_ca() {
 /// allowed for the volume is refused and the daemon goes on serving.
 #[test]
 fn qemu_io_over_tls() {
-    if !tools(&["openssl", "qemu-io"]) {
+    let allowed = "[tls.allowed_clients]\nqv = [\"client-a\"]\n";
+    let Some((env, port)) = tls_volumes(&["openssl", "qemu-io"], allowed, &["qv"]) else {
         return;
-    }
-    let (env, port) = tls_volumes("[tls.allowed_clients]\nqv = [\"client-a\"]\n", &["qv"]);
+    };
     let d = env.dir.path();
     let qemu = |certs: &Path, cmds: &[&str]| {
         let mut c = Command::new("qemu-io");
@@ -520,7 +521,10 @@ fn fio_over_nbds() {
     if root && !tools(&["setpriv"]) {
         return;
     }
-    let (env, port) = tls_volumes("[tls.allowed_clients]\nfv = [\"client-a\"]\n", &["fv"]);
+    let allowed = "[tls.allowed_clients]\nfv = [\"client-a\"]\n";
+    let Some((env, port)) = tls_volumes(&[], allowed, &["fv"]) else {
+        return;
+    };
     let d = env.dir.path();
     // A HOME per client, outside the daemon's 0700 temp dir so that nobody can read it.
     let homes = tempfile::Builder::new()
