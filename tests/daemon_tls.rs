@@ -25,28 +25,29 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` with a new unencrypted P-256 key written to `key`, then `rest`.
+fn req_new_key(dir: &Path, x509: bool, key: &str, rest: &[&str]) {
+    let mut args = vec!["req"];
+    if x509 {
+        args.push("-x509");
+    }
+    args.extend([
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ]);
+    args.extend(["-keyout", key]);
+    args.extend(rest);
+    openssl(dir, &args);
+}
+
 /// A self-signed CA in `dir`: `{ca}-cert.pem`, `{ca}-key.pem`.
 fn make_ca(dir: &Path, ca: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{ca}-key.pem"),
-            "-out",
-            &format!("{ca}-cert.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=cryptvol test {ca}"),
-        ],
-    );
+    let (cert, subject) = (format!("{ca}-cert.pem"), format!("/CN=cryptvol test {ca}"));
+    let rest = ["-out", &cert, "-days", "2", "-subj", &subject];
+    req_new_key(dir, true, &format!("{ca}-key.pem"), &rest);
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -59,22 +60,12 @@ enum Validity {
 /// A leaf certificate `{name}-cert.pem`, `{name}-key.pem` signed by the CA `ca` in `dir`.
 fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext: &str, validity: Validity) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
+    let csr = format!("{name}.csr");
+    req_new_key(
         dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            subject,
-        ],
+        false,
+        &format!("{name}-key.pem"),
+        &["-out", &csr, "-subj", subject],
     );
     let (csr, cert, ext) = (
         format!("{name}.csr"),
