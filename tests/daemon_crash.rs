@@ -40,8 +40,7 @@ fn kill_9_loses_nothing_flushed() {
     let blocks = "256";
     env.start();
     env.json(&["key", "create", "--alias", "k"]);
-    env.json(&["volume", "create", "v", "--size", "4M", "--key", "k"]);
-    env.json(&["volume", "attach", "v"]);
+    env.attach_new("v", "4M");
     assert!(env.stop().success(), "{}", env.log());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut seed = std::process::id() as u64 | 1;

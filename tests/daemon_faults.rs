@@ -15,8 +15,7 @@ fn damaged_volume_at_start_is_reported_and_others_attach() {
     e.start();
     e.json(&["key", "create", "--alias", "k"]);
     for v in ["good", "bad"] {
-        e.json(&["volume", "create", v, "--size", "8M", "--key", "k"]);
-        e.json(&["volume", "attach", v]);
+        e.attach_new(v, "8M");
     }
     assert!(e.stop().success());
     let p = e.volume_path("bad");
@@ -66,8 +65,7 @@ fn full_filesystem_gives_enospc_and_loses_nothing() {
     let _u = Unmount(vols.clone());
     e.start();
     e.json(&["key", "create", "--alias", "k"]);
-    e.json(&["volume", "create", "big", "--size", "64M", "--key", "k"]);
-    e.json(&["volume", "attach", "big"]);
+    e.attach_new("big", "64M");
     let uri = e.uri("big");
     assert!(
         qemu_io(&uri, &["write -P 0x5a 0 2M", "flush"])

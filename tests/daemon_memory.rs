@@ -93,8 +93,7 @@ fn daemon_memory_is_bounded_under_idle_and_non_reading_clients() {
     });
     e.start();
     e.json(&["key", "create", "--alias", "k"]);
-    e.json(&["volume", "create", "v", "--size", "64M", "--key", "k"]);
-    e.json(&["volume", "attach", "v"]);
+    e.attach_new("v", "64M");
     let pid = e.pid();
     // Base: one full-size READ served once, so that the runtime's one-off allocations are in.
     {

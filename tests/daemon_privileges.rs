@@ -65,8 +65,7 @@ fn unprivileged_daemon_serves_and_is_not_dumpable_from_outside() {
 
     // It works as non-root: key, volume, attach, NBD I/O through its socket.
     e.json(&["key", "create", "--alias", "k"]);
-    e.json(&["volume", "create", "v", "--size", "8M", "--key", "k"]);
-    e.json(&["volume", "attach", "v"]);
+    e.attach_new("v", "8M");
     let mut c = Conn::connect(&e.nbd_socket());
     c.go("v", false, false);
     assert_eq!(c.write_simple(1, 4096, &[0x5a; 4096]), 0);

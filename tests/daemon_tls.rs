@@ -218,8 +218,7 @@ fn tls_volumes(needs: &[&str], extra: &str, volumes: &[&str]) -> Option<(Env, u1
     let port = free_port();
     let env = tls_env(port, extra);
     for v in volumes {
-        env.json(&["volume", "create", v, "--size", "16M", "--key", "k"]);
-        env.json(&["volume", "attach", v]);
+        env.attach_new(v, "16M");
     }
     Some((env, port))
 }

@@ -107,6 +107,13 @@ impl Env {
             .unwrap()
     }
 
+    /// Creates volume `name` of `size` (CLI syntax, e.g. "8M") under the key alias `k`, which
+    /// the test made, and attaches it.
+    pub fn attach_new(&self, name: &str, size: &str) {
+        self.json(&["volume", "create", name, "--size", size, "--key", "k"]);
+        self.json(&["volume", "attach", name]);
+    }
+
     /// Runs a CLI command that must succeed; returns its `--json` document.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
