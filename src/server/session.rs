@@ -360,7 +360,15 @@ async fn negotiate(
                     meta_allocation = false;
                     meta_export = None;
                 }
-                match handshake::parse_meta_context_request(&data) {
+                // The export is resolved once (and only when the request can be answered):
+                // its canonical name is what GO must match.
+                let parsed = handshake::parse_meta_context_request(&data).map(|req| {
+                    let export = structured
+                        .then(|| open_export(registry, &req.export, &peer.identity))
+                        .flatten();
+                    (req, export.map(|(_, name)| name))
+                });
+                match parsed {
                     _ if !structured => handshake::encode_option_reply(
                         &mut out,
                         opt,
@@ -373,15 +381,13 @@ async fn negotiate(
                         NBD_REP_ERR_INVALID,
                         b"malformed request",
                     ),
-                    Ok(req) if open_export(registry, &req.export, &peer.identity).is_none() => {
-                        handshake::encode_option_reply(
-                            &mut out,
-                            opt,
-                            NBD_REP_ERR_UNKNOWN,
-                            b"no such export",
-                        )
-                    }
-                    Ok(req) => {
+                    Ok((_, None)) => handshake::encode_option_reply(
+                        &mut out,
+                        opt,
+                        NBD_REP_ERR_UNKNOWN,
+                        b"no such export",
+                    ),
+                    Ok((req, Some(name))) => {
                         let matches = if req.queries.is_empty() {
                             !set
                         } else {
@@ -391,8 +397,7 @@ async fn negotiate(
                         };
                         if set {
                             meta_allocation = matches;
-                            meta_export =
-                                open_export(registry, &req.export, &peer.identity).map(|(_, n)| n);
+                            meta_export = Some(name);
                         }
                         if matches {
                             handshake::encode_meta_context(
@@ -655,16 +660,12 @@ async fn transmission(
                 _ = idle => Ok(None),
             }
         });
-        let read = match read {
-            Ok(Some(_)) => Ok(()),
+        match read {
+            Ok(Some(_)) => {}
             Ok(None) => {
                 tracing::debug!("idle timeout");
                 break Ok(());
             }
-            Err(e) => Err(e),
-        };
-        match read {
-            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e),
         }
