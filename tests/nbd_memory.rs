@@ -122,3 +122,50 @@ fn client_that_never_reads_replies_cannot_hold_up_shutdown() {
         "serve did not return with non-reading clients"
     );
 }
+
+#[test]
+fn idle_timeout_closes_silent_connections_only() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = ServerConfig {
+        idle_timeout: Some(Duration::from_millis(400)),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(cfg, MIB);
+    let mut busy = srv.connect();
+    busy.go("mem", false, false);
+    let mut silent = srv.connect();
+    silent.go("mem", false, false);
+    // Requests 150 ms apart keep a connection well past the timeout.
+    for i in 0..8u64 {
+        assert_eq!(busy.read_simple(i, 0, 4096).expect("read"), vec![0u8; 4096]);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    // The silent one has been closed meanwhile, without a byte sent to it.
+    silent.expect_closed();
+    assert_eq!(busy.write_simple(99, 4096, &[7u8; 512]), 0);
+}
+
+#[test]
+fn client_stalled_mid_request_does_not_hold_up_shutdown() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // One client stops halfway through a WRITE payload, another halfway through a request
+    // header: both sessions are blocked reading, and a shutdown must end them at once (a
+    // stalled client holds no drain: it has nothing in flight).
+    let mut srv = TestServer::start();
+    let mut mid_payload = srv.connect();
+    mid_payload.go("mem", false, false);
+    mid_payload.write(&Conn::request_bytes(0, CMD_WRITE, 1, 0, 1 << 20));
+    mid_payload.write(&vec![5u8; 300 << 10]);
+    let mut mid_header = srv.connect();
+    mid_header.go("mem", false, false);
+    mid_header.write(&Conn::request_bytes(0, CMD_READ, 2, 0, 4096)[..11]);
+    std::thread::sleep(Duration::from_millis(200));
+    let took = srv.shutdown_within(Duration::from_secs(20));
+    eprintln!("shutdown with two stalled clients took {took:?}");
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(3)),
+        "stalled clients held up shutdown: {took:?}"
+    );
+    mid_payload.expect_closed();
+    mid_header.expect_closed();
+}

@@ -171,6 +171,7 @@ impl Running {
             idle_timeout: cfg.idle_timeout,
             tls: tls_config(cfg).map_err(|e| format!("{}: tls: {e}", cfg.path.display()))?,
             require_tls_on_tcp: true,
+            threaded_transmission: true,
         };
         let registry: Arc<dyn crate::server::ExportRegistry> = daemon.exports.clone();
         let nbd = tokio::spawn(server::serve(listeners, registry, scfg, rx.clone()));

@@ -1,5 +1,6 @@
-//! One NBD connection: handshake, then transmission with a reader loop and a writer task so
-//! replies go out in completion order.
+//! One NBD connection: handshake, then transmission. Plain sockets go to [`super::threaded`]
+//! after GO; TLS connections (and plain ones with `threaded_transmission` off) stay here, with
+//! a reader loop and a writer task so replies go out in completion order.
 //!
 //! ```text
 //!  socket ─▶ reader: header ─▶ validate ─▶ payload ─┬▶ inline (small) ──────────────┐
@@ -12,24 +13,36 @@
 //! shared buffered writer and flushes when it has no further request in hand: a QD1 round
 //! trip involves no other task or thread, and a burst of small requests leaves in one write.
 
+use std::any::Any;
 use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-use super::ServerConfig;
-use super::backend::{Backend, ExportRegistry, OpenExport};
+use super::backend::{ExportRegistry, OpenExport};
 use super::bufpool::BufPool;
+use super::exec::{BASE_ALLOCATION_ID, Reply, error_reply, execute_guarded, runs_inline};
 use super::identity::PeerIdentity;
+use super::{ServerConfig, threaded};
 use crate::nbd::DecodeError;
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, OPTION_HEADER_LEN};
 use crate::nbd::transmission::{self as tx, Command, ExportLimits, REQUEST_HEADER_LEN};
 
 /// Any byte stream a session runs over (Unix, TCP, or TLS on either).
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Any {
+    fn as_any(&self) -> &dyn Any;
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
 pub type BoxStream = Box<dyn Stream>;
 
 /// What the handshake ended with.
@@ -55,8 +68,6 @@ pub struct Peer {
     /// STARTTLS on TCP (a Unix-socket client stays `Local`).
     pub identity: PeerIdentity,
 }
-
-const BASE_ALLOCATION_ID: u32 = 1;
 
 pub async fn run(
     mut stream: BoxStream,
@@ -126,6 +137,24 @@ pub async fn run(
                 meta_allocation,
             } => {
                 tracing::debug!(export = %name, structured, "transmission");
+                let stream = if cfg.threaded_transmission {
+                    match threaded::into_plain(stream) {
+                        Ok(sock) => {
+                            return threaded::transmission(
+                                sock?,
+                                export,
+                                structured,
+                                meta_allocation,
+                                cfg,
+                                shutdown,
+                            )
+                            .await;
+                        }
+                        Err(tls) => tls,
+                    }
+                } else {
+                    stream
+                };
                 return transmission(stream, export, structured, meta_allocation, cfg, shutdown)
                     .await;
             }
@@ -133,7 +162,7 @@ pub async fn run(
     }
 }
 
-fn invalid(e: DecodeError) -> io::Error {
+pub(super) fn invalid(e: DecodeError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
@@ -425,151 +454,6 @@ async fn negotiate(
     }
 }
 
-/// A reply ready for the wire: a small header part and an optional data part.
-struct Reply {
-    head: Vec<u8>,
-    data: Option<Vec<u8>>,
-}
-
-fn nbd_errno(e: &io::Error) -> u32 {
-    match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => NBD_EPERM,
-        Some(libc::ENOMEM) => NBD_ENOMEM,
-        Some(libc::EINVAL) => NBD_EINVAL,
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => NBD_ENOSPC,
-        Some(libc::EOVERFLOW) => NBD_EOVERFLOW,
-        Some(libc::ENOTSUP) => NBD_ENOTSUP,
-        _ => NBD_EIO,
-    }
-}
-
-fn error_reply(cookie: u64, errno: u32, structured: bool, msg: &str) -> Reply {
-    let mut head = Vec::with_capacity(32);
-    if structured {
-        tx::error_chunk(&mut head, cookie, errno, msg);
-    } else {
-        head.extend_from_slice(&tx::simple_reply(cookie, errno));
-    }
-    Reply { head, data: None }
-}
-
-fn ok_reply(cookie: u64, structured: bool) -> Reply {
-    let mut head = Vec::with_capacity(20);
-    if structured {
-        tx::done_chunk(&mut head, cookie);
-    } else {
-        head.extend_from_slice(&tx::simple_reply(cookie, 0));
-    }
-    Reply { head, data: None }
-}
-
-/// Runs one validated command against the backend (blocking: called off the reactor).
-fn execute(
-    backend: &dyn Backend,
-    pool: &BufPool,
-    cmd: Command,
-    cookie: u64,
-    payload: Vec<u8>,
-    structured: bool,
-) -> Reply {
-    let fail = |e: io::Error| error_reply(cookie, nbd_errno(&e), structured, &e.to_string());
-    match cmd {
-        Command::Read { offset, length, .. } => {
-            let mut buf = pool.take(length as usize);
-            match backend.read(offset, &mut buf) {
-                Ok(()) if structured && length > 0 => Reply {
-                    head: tx::offset_data_header(cookie, true, offset, length).to_vec(),
-                    data: Some(buf),
-                },
-                Ok(()) if structured => ok_reply(cookie, true),
-                Ok(()) => Reply {
-                    head: tx::simple_reply(cookie, 0).to_vec(),
-                    data: Some(buf),
-                },
-                Err(e) => {
-                    pool.give(buf);
-                    fail(e)
-                }
-            }
-        }
-        Command::Write { offset, fua, .. } => {
-            let mut payload = payload;
-            let r = backend.write(offset, &mut payload, fua);
-            pool.give(payload);
-            match r {
-                Ok(()) => ok_reply(cookie, structured),
-                Err(e) => fail(e),
-            }
-        }
-        Command::Flush => match backend.flush() {
-            Ok(()) => ok_reply(cookie, structured),
-            Err(e) => fail(e),
-        },
-        Command::Trim {
-            offset,
-            length,
-            fua,
-        } => match backend.trim(offset, u64::from(length), fua) {
-            Ok(()) => ok_reply(cookie, structured),
-            Err(e) => fail(e),
-        },
-        Command::WriteZeroes {
-            offset,
-            length,
-            fua,
-            no_hole,
-            fast,
-        } => {
-            if fast && no_hole {
-                // Allocating zeros costs as much as a write: not fast.
-                return error_reply(cookie, NBD_ENOTSUP, structured, "fast zero needs a hole");
-            }
-            match backend.write_zeroes(offset, u64::from(length), !no_hole, fua) {
-                Ok(()) => ok_reply(cookie, structured),
-                Err(e) => fail(e),
-            }
-        }
-        Command::Cache { .. } => ok_reply(cookie, structured),
-        Command::BlockStatus {
-            offset,
-            length,
-            req_one,
-        } => match backend.extents(offset, u64::from(length)) {
-            Ok(extents) => {
-                let mut descs: Vec<(u32, u32)> = Vec::new();
-                let mut covered = 0u64;
-                for e in extents {
-                    if covered >= u64::from(length) {
-                        break;
-                    }
-                    if e.length == 0 {
-                        continue; // descriptors MUST have a nonzero length
-                    }
-                    let l = e.length.min(u64::from(length) - covered) as u32;
-                    let f = if e.hole {
-                        NBD_STATE_HOLE | NBD_STATE_ZERO
-                    } else {
-                        0
-                    };
-                    descs.push((l, f));
-                    covered += u64::from(l);
-                    if req_one {
-                        break;
-                    }
-                }
-                if descs.is_empty() {
-                    descs.push((length, 0));
-                }
-                let mut head = Vec::with_capacity(24 + 8 * descs.len());
-                tx::block_status_chunk(&mut head, cookie, BASE_ALLOCATION_ID, &descs);
-                Reply { head, data: None }
-            }
-            Err(e) => fail(e),
-        },
-        Command::Disconnect => unreachable!("DISC is handled by the reader"),
-    }
-}
-
 async fn transmission(
     stream: BoxStream,
     export: OpenExport,
@@ -796,7 +680,7 @@ async fn transmission(
 }
 
 /// How long replies may take to leave once the export is detached or the server stops.
-const DRAIN_AFTER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+pub(super) const DRAIN_AFTER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Flushes the inline replies written since the last flush when the next `need` bytes are not
 /// all in the read buffer (`buffered`): the reader is about to wait for the client.
@@ -827,34 +711,8 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// [`execute`], with a panicking backend answered by EIO rather than a hanging request.
-fn execute_guarded(
-    backend: &dyn Backend,
-    pool: &BufPool,
-    cmd: Command,
-    cookie: u64,
-    payload: Vec<u8>,
-    structured: bool,
-) -> Reply {
-    let run = || execute(backend, pool, cmd, cookie, payload, structured);
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-        .unwrap_or_else(|_| error_reply(cookie, NBD_EIO, structured, "internal error"))
-}
-
-/// Requests served on the session task: small, and never waiting for the disk (no FLUSH, no
-/// FUA). Everything else goes to the blocking pool so a slow disk never stalls the reactor.
-fn runs_inline(cmd: &Command) -> bool {
-    const INLINE_MAX: u32 = 64 * 1024;
-    match *cmd {
-        Command::Read { length, .. } => length <= INLINE_MAX,
-        Command::Write { length, fua, .. } => length <= INLINE_MAX && !fua,
-        Command::Cache { .. } => true,
-        _ => false,
-    }
-}
-
 /// Resolves when the watch holds `true`; never, if its sender is gone while it holds `false`.
-async fn wait_true(rx: &mut watch::Receiver<bool>) {
+pub(super) async fn wait_true(rx: &mut watch::Receiver<bool>) {
     loop {
         if *rx.borrow_and_update() {
             return;

@@ -117,10 +117,15 @@ impl TestServer {
     }
 
     fn start_listening(
-        cfg: ServerConfig,
+        mut cfg: ServerConfig,
         reg: StaticRegistry,
         tcp: bool,
     ) -> (TestServer, Option<std::net::SocketAddr>) {
+        // `.ci/run` runs the protocol and hostile-client tiers a second time on the async
+        // transmission path (the one TLS connections take) with this set.
+        if std::env::var("CRYPTVOL_TEST_TRANSMISSION").as_deref() == Ok("async") {
+            cfg.threaded_transmission = false;
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("nbd.sock");
         let rt = tokio::runtime::Builder::new_multi_thread()

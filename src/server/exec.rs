@@ -1,0 +1,183 @@
+//! Executing one validated request against a [`Backend`]: what both transmission paths
+//! (async for TLS, threads for plain sockets) share, from the command to its reply bytes.
+
+use std::io;
+
+use super::backend::Backend;
+use super::bufpool::BufPool;
+use crate::nbd::consts::*;
+use crate::nbd::transmission::{self as tx, Command};
+
+/// The `base:allocation` context id this server hands out (its only context).
+pub(super) const BASE_ALLOCATION_ID: u32 = 1;
+
+/// A reply ready for the wire: a small header part and an optional data part.
+pub(super) struct Reply {
+    pub(super) head: Vec<u8>,
+    pub(super) data: Option<Vec<u8>>,
+}
+
+fn nbd_errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => NBD_EPERM,
+        Some(libc::ENOMEM) => NBD_ENOMEM,
+        Some(libc::EINVAL) => NBD_EINVAL,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => NBD_ENOSPC,
+        Some(libc::EOVERFLOW) => NBD_EOVERFLOW,
+        Some(libc::ENOTSUP) => NBD_ENOTSUP,
+        _ => NBD_EIO,
+    }
+}
+
+pub(super) fn error_reply(cookie: u64, errno: u32, structured: bool, msg: &str) -> Reply {
+    let mut head = Vec::with_capacity(32);
+    if structured {
+        tx::error_chunk(&mut head, cookie, errno, msg);
+    } else {
+        head.extend_from_slice(&tx::simple_reply(cookie, errno));
+    }
+    Reply { head, data: None }
+}
+
+fn ok_reply(cookie: u64, structured: bool) -> Reply {
+    let mut head = Vec::with_capacity(20);
+    if structured {
+        tx::done_chunk(&mut head, cookie);
+    } else {
+        head.extend_from_slice(&tx::simple_reply(cookie, 0));
+    }
+    Reply { head, data: None }
+}
+
+/// Runs one validated command against the backend (blocking: called off the reactor).
+fn execute(
+    backend: &dyn Backend,
+    pool: &BufPool,
+    cmd: Command,
+    cookie: u64,
+    payload: Vec<u8>,
+    structured: bool,
+) -> Reply {
+    let fail = |e: io::Error| error_reply(cookie, nbd_errno(&e), structured, &e.to_string());
+    match cmd {
+        Command::Read { offset, length, .. } => {
+            let mut buf = pool.take(length as usize);
+            match backend.read(offset, &mut buf) {
+                Ok(()) if structured && length > 0 => Reply {
+                    head: tx::offset_data_header(cookie, true, offset, length).to_vec(),
+                    data: Some(buf),
+                },
+                Ok(()) if structured => ok_reply(cookie, true),
+                Ok(()) => Reply {
+                    head: tx::simple_reply(cookie, 0).to_vec(),
+                    data: Some(buf),
+                },
+                Err(e) => {
+                    pool.give(buf);
+                    fail(e)
+                }
+            }
+        }
+        Command::Write { offset, fua, .. } => {
+            let mut payload = payload;
+            let r = backend.write(offset, &mut payload, fua);
+            pool.give(payload);
+            match r {
+                Ok(()) => ok_reply(cookie, structured),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Flush => match backend.flush() {
+            Ok(()) => ok_reply(cookie, structured),
+            Err(e) => fail(e),
+        },
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => match backend.trim(offset, u64::from(length), fua) {
+            Ok(()) => ok_reply(cookie, structured),
+            Err(e) => fail(e),
+        },
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            if fast && no_hole {
+                // Allocating zeros costs as much as a write: not fast.
+                return error_reply(cookie, NBD_ENOTSUP, structured, "fast zero needs a hole");
+            }
+            match backend.write_zeroes(offset, u64::from(length), !no_hole, fua) {
+                Ok(()) => ok_reply(cookie, structured),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Cache { .. } => ok_reply(cookie, structured),
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+        } => match backend.extents(offset, u64::from(length)) {
+            Ok(extents) => {
+                let mut descs: Vec<(u32, u32)> = Vec::new();
+                let mut covered = 0u64;
+                for e in extents {
+                    if covered >= u64::from(length) {
+                        break;
+                    }
+                    if e.length == 0 {
+                        continue; // descriptors MUST have a nonzero length
+                    }
+                    let l = e.length.min(u64::from(length) - covered) as u32;
+                    let f = if e.hole {
+                        NBD_STATE_HOLE | NBD_STATE_ZERO
+                    } else {
+                        0
+                    };
+                    descs.push((l, f));
+                    covered += u64::from(l);
+                    if req_one {
+                        break;
+                    }
+                }
+                if descs.is_empty() {
+                    descs.push((length, 0));
+                }
+                let mut head = Vec::with_capacity(24 + 8 * descs.len());
+                tx::block_status_chunk(&mut head, cookie, BASE_ALLOCATION_ID, &descs);
+                Reply { head, data: None }
+            }
+            Err(e) => fail(e),
+        },
+        Command::Disconnect => unreachable!("DISC is handled by the reader"),
+    }
+}
+
+/// [`execute`], with a panicking backend answered by EIO rather than a hanging request.
+pub(super) fn execute_guarded(
+    backend: &dyn Backend,
+    pool: &BufPool,
+    cmd: Command,
+    cookie: u64,
+    payload: Vec<u8>,
+    structured: bool,
+) -> Reply {
+    let run = || execute(backend, pool, cmd, cookie, payload, structured);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| error_reply(cookie, NBD_EIO, structured, "internal error"))
+}
+
+/// Requests served on the session task: small, and never waiting for the disk (no FLUSH, no
+/// FUA). Everything else goes to the blocking pool so a slow disk never stalls the reactor.
+pub(super) fn runs_inline(cmd: &Command) -> bool {
+    const INLINE_MAX: u32 = 64 * 1024;
+    match *cmd {
+        Command::Read { length, .. } => length <= INLINE_MAX,
+        Command::Write { length, fua, .. } => length <= INLINE_MAX && !fua,
+        Command::Cache { .. } => true,
+        _ => false,
+    }
+}

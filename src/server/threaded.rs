@@ -1,0 +1,513 @@
+//! Transmission on a plain socket (Unix, or TCP without TLS): one thread per connection reads
+//! requests with blocking socket calls, nbdkit's model. The async session ([`super::session`])
+//! still does the handshake, and all of transmission under TLS.
+//!
+//! ```text
+//!  socket ─▶ connection thread: header ─▶ validate ─▶ payload ─┬▶ inline (small): reply queued ─┐
+//!                                                              └▶ blocking pool: backend ──┐    │
+//!  socket ◀──────────── one vectored write of (queued replies + this reply) ◀──────────────┘◀───┘
+//!                                                              (queue sent when the thread is about to wait)
+//! ```
+//!
+//! Why a thread and blocking reads rather than the reactor: a QD1 round trip on the async path
+//! costs an `epoll_wait`, a wake of the worker and a `recv`; a blocked `recv` is woken by the
+//! kernel straight into the thread that serves the request. A 1 MiB payload arrives in a loop of
+//! blocking reads instead of a read/EAGAIN/epoll cycle per socket-buffer fill. (Measured in
+//! `docs/benchmarks.md`: QD1 and sequential writes were the two jobs the async path lost to
+//! `nbdkit file`.) The price is a thread per connection in transmission, parked in `recv`:
+//! a few pages of stack each.
+//!
+//! Stopping (detach, shutdown): the session task marks the connection stopped and shuts the
+//! socket's read side, which wakes the blocked read with EOF. Requests in flight still reply for
+//! [`super::session::DRAIN_AFTER_STOP`]; then the write side is shut as well, which fails any
+//! write blocked on a client that does not read, and the session ends.
+
+use std::any::Any;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::runtime::Handle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+
+use super::ServerConfig;
+use super::backend::OpenExport;
+use super::bufpool::BufPool;
+use super::exec::{Reply, error_reply, execute_guarded, runs_inline};
+use super::session::{BoxStream, DRAIN_AFTER_STOP, invalid, wait_true};
+use crate::nbd::consts::MAX_PAYLOAD;
+use crate::nbd::transmission::{self as tx, Command, ExportLimits, REQUEST_HEADER_LEN};
+
+/// A plain connected socket in blocking mode.
+pub(super) enum Sock {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Sock {
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Errors are ignored: the peer may have closed already (ENOTCONN), which is the point.
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(how),
+            Sock::Tcp(s) => s.shutdown(how),
+        };
+    }
+
+    fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_read_timeout(t),
+            Sock::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for &Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => (&*s).read(buf),
+            Sock::Tcp(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Sock {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Sock::Unix(s) => s.as_fd(),
+            Sock::Tcp(s) => s.as_fd(),
+        }
+    }
+
+    /// One `recv` that does not wait: `WouldBlock` when nothing is there.
+    fn recv_nowait(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // std offers no per-call MSG_DONTWAIT, and toggling O_NONBLOCK would cost two more
+        // syscalls per wait.
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call,
+        // and the fd is owned by `self`, open for as long as `self` lives.
+        let n = unsafe {
+            libc::recv(
+                self.fd().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// How long the connection thread polls for the next request before it sleeps in `recv`.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The connection thread's read side: polls briefly, then blocks.
+///
+/// Why poll: on a virtual machine, waking a sleeping thread on an idle vCPU costs tens of
+/// microseconds (the vCPU halted; the wake is an IPI through the hypervisor), more than a 4 KiB
+/// request takes to serve. A QD1 client sends its next request a few tens of microseconds
+/// after our reply; while we poll, that request is picked up at once and the client's `send`
+/// wakes nobody. Bounded by [`SPIN`] per wait, so an idle connection costs one short poll; and
+/// only when no request of this connection is on the blocking pool, whose threads need the CPU
+/// more than we do (measured: polling during 1 MiB reads cost 10% of sequential read speed).
+struct SpinRead {
+    sock: Sock,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+impl Read for SpinRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.in_flight.available_permits() < self.max_in_flight {
+            return (&self.sock).read(buf);
+        }
+        let start = std::time::Instant::now();
+        loop {
+            match self.sock.recv_nowait(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+            if start.elapsed() >= SPIN {
+                return (&self.sock).read(buf);
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Write for &Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => (&*s).write(buf),
+            Sock::Tcp(s) => (&*s).write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => (&*s).write_vectored(bufs),
+            Sock::Tcp(s) => (&*s).write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Replies queued at most before the queue is sent regardless.
+const QUEUE_MAX: usize = 64 * 1024;
+
+/// What the connection thread and the pool threads serving its requests share.
+struct Conn {
+    /// Writes and shutdowns; the connection thread reads through its own handle.
+    sock: Sock,
+    /// Replies of inline requests not sent yet. Its lock is also the write lock: every send
+    /// takes the queue along, so replies never interleave and none waits behind a later one.
+    queued: Mutex<Vec<u8>>,
+    pool: BufPool,
+    /// `true` once the connection takes no more requests (detach, shutdown, broken peer).
+    stopped: watch::Sender<bool>,
+}
+
+impl Conn {
+    fn stopping(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
+    /// Takes no more requests: the connection thread's read returns EOF, its waits end.
+    fn stop(&self) {
+        self.stopped.send_replace(true);
+        self.sock.shutdown(Shutdown::Read);
+    }
+
+    /// The peer is gone or will not read: nothing more can be answered.
+    fn abandon(&self) {
+        self.stopped.send_replace(true);
+        self.sock.shutdown(Shutdown::Both);
+    }
+
+    /// Sends the queue, then `r`, in one vectored write. A failed write abandons the connection.
+    fn send(&self, r: Option<Reply>) -> io::Result<()> {
+        let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        let (head, data) = match &r {
+            Some(r) => (&r.head[..], r.data.as_deref().unwrap_or_default()),
+            None => (&[][..], &[][..]),
+        };
+        let sent = write_all_vectored(
+            &self.sock,
+            &mut [IoSlice::new(&q), IoSlice::new(head), IoSlice::new(data)],
+        );
+        q.clear();
+        drop(q);
+        if let Some(Reply { data: Some(d), .. }) = r {
+            self.pool.give(d);
+        }
+        if sent.is_err() {
+            self.abandon();
+        }
+        sent
+    }
+
+    /// Queues a small reply for the next send; sends at once when the queue would outgrow
+    /// [`QUEUE_MAX`].
+    fn queue(&self, r: Reply) -> io::Result<()> {
+        let data_len = r.data.as_ref().map_or(0, Vec::len);
+        let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        if q.len() + r.head.len() + data_len > QUEUE_MAX {
+            drop(q);
+            return self.send(Some(r));
+        }
+        q.extend_from_slice(&r.head);
+        if let Some(d) = r.data {
+            q.extend_from_slice(&d);
+            drop(q);
+            self.pool.give(d);
+        }
+        Ok(())
+    }
+
+    /// Sends the queue, if anything is in it.
+    fn flush(&self) -> io::Result<()> {
+        let empty = self
+            .queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        if empty { Ok(()) } else { self.send(None) }
+    }
+}
+
+/// `Write::write_all_vectored` is unstable; this is it, for a socket.
+fn write_all_vectored(mut w: &Sock, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The plain socket under `stream`, in blocking mode; `Err(stream)` when it is not a bare
+/// Unix or TCP socket (TLS).
+pub(super) fn into_plain(stream: BoxStream) -> Result<io::Result<Sock>, BoxStream> {
+    fn blocking<S: IntoStd + 'static>(s: Box<dyn Any + Send>) -> io::Result<S::Std> {
+        let s = s.downcast::<S>().expect("type checked by the caller");
+        s.into_blocking()
+    }
+    let any = stream.as_any();
+    if any.is::<tokio::net::UnixStream>() {
+        Ok(blocking::<tokio::net::UnixStream>(stream.into_any()).map(Sock::Unix))
+    } else if any.is::<tokio::net::TcpStream>() {
+        Ok(blocking::<tokio::net::TcpStream>(stream.into_any()).map(Sock::Tcp))
+    } else {
+        Err(stream)
+    }
+}
+
+/// A tokio socket taken off the reactor, as its std socket in blocking mode.
+trait IntoStd {
+    type Std;
+    fn into_blocking(self: Box<Self>) -> io::Result<Self::Std>;
+}
+
+impl IntoStd for tokio::net::UnixStream {
+    type Std = UnixStream;
+    fn into_blocking(self: Box<Self>) -> io::Result<UnixStream> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(s)
+    }
+}
+
+impl IntoStd for tokio::net::TcpStream {
+    type Std = TcpStream;
+    fn into_blocking(self: Box<Self>) -> io::Result<TcpStream> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(s)
+    }
+}
+
+/// Serves transmission on `sock` until the client disconnects, the export is detached or the
+/// server shuts down.
+pub(super) async fn transmission(
+    sock: Sock,
+    export: OpenExport,
+    structured: bool,
+    meta_allocation: bool,
+    cfg: Arc<ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let rd = sock.try_clone()?;
+    // SO_RCVTIMEO: a read that waits this long fails with EAGAIN (the idle timeout).
+    rd.set_read_timeout(cfg.idle_timeout)?;
+    let conn = Arc::new(Conn {
+        sock,
+        queued: Mutex::new(Vec::with_capacity(QUEUE_MAX)),
+        pool: BufPool::default(),
+        stopped: watch::Sender::new(false),
+    });
+    let mut detached = export.detached.clone();
+    let (done_tx, mut done_rx) = oneshot::channel();
+    let (c, rt) = (conn.clone(), Handle::current());
+    std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let r = serve_requests(&c, rd, export, structured, meta_allocation, &cfg, &rt);
+            let _ = done_tx.send(r);
+        })?;
+    let mut stopped = conn.stopped.subscribe();
+    tokio::select! {
+        r = &mut done_rx => return r.unwrap_or(Ok(())),
+        _ = wait_true(&mut detached) => {}
+        _ = wait_true(&mut shutdown) => {}
+        _ = wait_true(&mut stopped) => {}
+    }
+    conn.stop();
+    match tokio::time::timeout(DRAIN_AFTER_STOP, &mut done_rx).await {
+        Ok(r) => r.unwrap_or(Ok(())),
+        Err(_) => {
+            // Replies not taken after detach/shutdown: writes blocked on this client fail now,
+            // and the thread ends on its own once its requests have.
+            tracing::debug!("replies not taken after detach/shutdown; closing");
+            conn.abandon();
+            Ok(())
+        }
+    }
+}
+
+/// The connection thread: reads and dispatches requests until EOF or stop, then waits for the
+/// requests still in flight and sends what is queued.
+fn serve_requests(
+    conn: &Arc<Conn>,
+    rd: Sock,
+    export: OpenExport,
+    structured: bool,
+    meta_allocation: bool,
+    cfg: &ServerConfig,
+    rt: &Handle,
+) -> io::Result<()> {
+    let max_in_flight = cfg.max_in_flight.max(1);
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let mut rd = BufReader::with_capacity(
+        64 * 1024,
+        SpinRead {
+            sock: rd,
+            in_flight: in_flight.clone(),
+            max_in_flight,
+        },
+    );
+    let backend = export.backend.clone();
+    let lim = ExportLimits {
+        size: backend.size(),
+        read_only: export.read_only,
+        structured,
+        meta_allocation,
+    };
+    // Payload bytes buffered per connection, in KiB permits (see the async session).
+    let budget_kib = (cfg.max_buffer_bytes / 1024).max(MAX_PAYLOAD as usize / 1024) as u32;
+    let buffered = Arc::new(Semaphore::new(budget_kib as usize));
+    let mut stop = conn.stopped.subscribe();
+    // A permit, or `None` once the connection stops; the queue goes out before any real wait.
+    let mut acquire = |sem: &Arc<Semaphore>, n: u32| -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = sem.clone().try_acquire_many_owned(n) {
+            return Some(p);
+        }
+        conn.flush().ok()?;
+        rt.block_on(async {
+            tokio::select! {
+                biased;
+                p = sem.clone().acquire_many_owned(n) => p.ok(),
+                _ = wait_true(&mut stop) => None,
+            }
+        })
+    };
+    let result = loop {
+        if conn.stopping() {
+            break Ok(());
+        }
+        // About to wait for the client: what we owe it goes out first.
+        if rd.buffer().len() < REQUEST_HEADER_LEN
+            && let Err(e) = conn.flush()
+        {
+            break Err(e);
+        }
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        match rd.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e)
+                if cfg.idle_timeout.is_some()
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+            {
+                tracing::debug!("idle timeout");
+                break Ok(());
+            }
+            Err(e) => break Err(e),
+        }
+        // A request already buffered when the stop came is not served either.
+        if conn.stopping() {
+            break Ok(());
+        }
+        let h = match tx::parse_request_header(&hdr) {
+            Ok(h) => h,
+            // Bad magic: the stream is out of sync; nothing sensible can follow.
+            Err(e) => break Err(invalid(e)),
+        };
+        let cmd = match tx::validate(&h, &lim) {
+            Ok(c) => c,
+            Err(rej) => {
+                if rej.skip_payload > 0 {
+                    // Skip the payload we refuse, to stay in sync, without buffering it.
+                    let skip = u64::from(rej.skip_payload);
+                    match io::copy(&mut (&mut rd).take(skip), &mut io::sink()) {
+                        Ok(n) if n == skip => {}
+                        Ok(_) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+                let reply = error_reply(h.cookie, rej.errno, structured, "request rejected");
+                if let Err(e) = conn.queue(reply) {
+                    break Err(e);
+                }
+                continue;
+            }
+        };
+        if cmd == Command::Disconnect {
+            break Ok(());
+        }
+        let data_len = match cmd {
+            Command::Read { length, .. } | Command::Write { length, .. } => length,
+            _ => 0,
+        };
+        let budget = match data_len.div_ceil(1024).min(budget_kib) {
+            0 => None,
+            kib => match acquire(&buffered, kib) {
+                Some(p) => Some(p),
+                None => break Ok(()),
+            },
+        };
+        let payload = if let Command::Write { length, .. } = cmd {
+            if rd.buffer().len() < length as usize
+                && let Err(e) = conn.flush()
+            {
+                break Err(e);
+            }
+            let mut p = conn.pool.take(length as usize);
+            match rd.read_exact(&mut p) {
+                Ok(()) => p,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        } else {
+            Vec::new()
+        };
+        let cookie = h.cookie;
+        if runs_inline(&cmd) {
+            let reply = execute_guarded(&*backend, &conn.pool, cmd, cookie, payload, structured);
+            drop(budget);
+            // A client that stops reading blocks this send (once the queue is full), and so
+            // stops us reading more requests: that is the backpressure.
+            if let Err(e) = conn.queue(reply) {
+                break Err(e);
+            }
+            continue;
+        }
+        let Some(permit) = acquire(&in_flight, 1) else {
+            break Ok(());
+        };
+        let (conn, backend) = (conn.clone(), backend.clone());
+        rt.spawn_blocking(move || {
+            let reply = execute_guarded(&*backend, &conn.pool, cmd, cookie, payload, structured);
+            // A failed send abandons the connection, which stops the connection thread.
+            let _ = conn.send(Some(reply));
+            drop((budget, permit));
+        });
+    };
+    // Requests in flight finish (their replies still go out), then the queue, then close.
+    let _ = rt.block_on(in_flight.acquire_many(max_in_flight as u32));
+    let flushed = conn.flush();
+    conn.sock.shutdown(Shutdown::Write);
+    drop(export);
+    result.and(flushed)
+}
