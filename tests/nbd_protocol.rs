@@ -1029,3 +1029,82 @@ fn structured_read_errors_are_never_simple_replies() {
     }
     assert_eq!(c.read_structured(9, 0, 4).unwrap(), vec![0; 4]);
 }
+
+/// A backend whose data is never "in cache": every `try_read` declines.
+struct Cold {
+    inner: cryptvol::server::MemBackend,
+    declined: std::sync::atomic::AtomicU64,
+}
+
+impl cryptvol::server::Backend for Cold {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn preferred_block_size(&self) -> u32 {
+        self.inner.preferred_block_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn try_read(&self, _offset: u64, buf: &mut [u8]) -> std::io::Result<bool> {
+        buf.fill(0xEE); // garbage: must never reach the client
+        self.declined
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(false)
+    }
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> std::io::Result<()> {
+        self.inner.write(offset, data, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, may_trim: bool, fua: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l, may_trim, fua)
+    }
+    fn extents(&self, o: u64, l: u64) -> std::io::Result<Vec<cryptvol::server::Extent>> {
+        self.inner.extents(o, l)
+    }
+}
+
+#[test]
+fn small_reads_that_would_wait_are_served_off_the_connection() {
+    use cryptvol::server::Backend;
+    let cold = std::sync::Arc::new(Cold {
+        inner: cryptvol::server::MemBackend::new(MIB, 512),
+        declined: Default::default(),
+    });
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    cold.write(4096, &mut data.clone(), false).unwrap();
+    let reg = cryptvol::server::StaticRegistry::new().with("cold", cold.clone(), false);
+    let srv = TestServer::start_registry(ServerConfig::default(), reg);
+    let mut c = srv.connect();
+    c.go("cold", false, false);
+    // Pipelined small reads (inline candidates), all declined by try_read, all answered
+    // with the real data through the waiting read.
+    for i in 0..16u64 {
+        c.send_req(0, CMD_READ, i, 4096 + i * 512, 512);
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..16 {
+        let Reply::Simple {
+            error,
+            cookie,
+            data: got,
+        } = c.read_reply(|_| 512)
+        else {
+            panic!("simple reply expected")
+        };
+        assert_eq!(error, 0);
+        let i = cookie as usize;
+        assert_eq!(got, data[i * 512..(i + 1) * 512], "read {i}");
+        assert!(seen.insert(cookie));
+    }
+    assert_eq!(
+        cold.declined.load(std::sync::atomic::Ordering::Relaxed),
+        16,
+        "every small read asked try_read first"
+    );
+}

@@ -31,6 +31,9 @@ impl Backend for VolumeBackend {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.0.read(offset, buf).map_err(io_err)
     }
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.0.try_read(offset, buf).map_err(io_err)
+    }
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> io::Result<()> {
         self.0.write_mut(offset, data).map_err(io_err)?;
         if fua {

@@ -24,6 +24,11 @@ pub trait Backend: Send + Sync + 'static {
     fn preferred_block_size(&self) -> u32;
     /// Fills `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// [`read`](Self::read) if that needs no device I/O; `Ok(false)` if it would wait (the
+    /// server then reads on its blocking pool instead of the connection's thread).
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.read(offset, buf).map(|()| true)
+    }
     /// Writes `data` at `offset`; with `fua`, durable before returning. The buffer is the
     /// server's own: the backend may clobber it (encrypt in place) to save a copy.
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> io::Result<()>;

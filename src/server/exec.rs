@@ -62,21 +62,8 @@ fn execute(
     match cmd {
         Command::Read { offset, length, .. } => {
             let mut buf = pool.take(length as usize);
-            match backend.read(offset, &mut buf) {
-                Ok(()) if structured && length > 0 => Reply {
-                    head: tx::offset_data_header(cookie, true, offset, length).to_vec(),
-                    data: Some(buf),
-                },
-                Ok(()) if structured => ok_reply(cookie, true),
-                Ok(()) => Reply {
-                    head: tx::simple_reply(cookie, 0).to_vec(),
-                    data: Some(buf),
-                },
-                Err(e) => {
-                    pool.give(buf);
-                    fail(e)
-                }
-            }
+            let r = backend.read(offset, &mut buf);
+            read_reply(pool, cookie, structured, offset, buf, r)
         }
         Command::Write { offset, fua, .. } => {
             let mut payload = payload;
@@ -153,6 +140,70 @@ fn execute(
             Err(e) => fail(e),
         },
         Command::Disconnect => unreachable!("DISC is handled by the reader"),
+    }
+}
+
+/// The reply to a READ of `buf.len()` bytes at `offset` that ended with `r`.
+fn read_reply(
+    pool: &BufPool,
+    cookie: u64,
+    structured: bool,
+    offset: u64,
+    buf: Vec<u8>,
+    r: io::Result<()>,
+) -> Reply {
+    match r {
+        Ok(()) if structured && !buf.is_empty() => Reply {
+            head: tx::offset_data_header(cookie, true, offset, buf.len() as u32).to_vec(),
+            data: Some(buf),
+        },
+        Ok(()) if structured => ok_reply(cookie, true),
+        Ok(()) => Reply {
+            head: tx::simple_reply(cookie, 0).to_vec(),
+            data: Some(buf),
+        },
+        Err(e) => {
+            pool.give(buf);
+            error_reply(cookie, nbd_errno(&e), structured, &e.to_string())
+        }
+    }
+}
+
+/// Serves a request [`runs_inline`] picked, on the connection's own thread, unless it would
+/// wait for a device: a READ whose data is not in the page cache comes back as `Err(cmd)`,
+/// for the blocking pool. (On a real disk, serving cold reads inline would turn a QD32
+/// client into a QD1 one against the device.)
+pub(super) fn execute_inline(
+    backend: &dyn Backend,
+    pool: &BufPool,
+    cmd: Command,
+    cookie: u64,
+    payload: Vec<u8>,
+    structured: bool,
+) -> Result<Reply, Command> {
+    let Command::Read { offset, length, .. } = cmd else {
+        return Ok(execute_guarded(
+            backend, pool, cmd, cookie, payload, structured,
+        ));
+    };
+    let mut buf = pool.take(length as usize);
+    let tried = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        backend.try_read(offset, &mut buf)
+    }));
+    match tried {
+        Ok(Ok(false)) => {
+            pool.give(buf);
+            Err(cmd)
+        }
+        Ok(r) => Ok(read_reply(
+            pool,
+            cookie,
+            structured,
+            offset,
+            buf,
+            r.map(drop),
+        )),
+        Err(_) => Ok(error_reply(cookie, NBD_EIO, structured, "internal error")),
     }
 }
 

@@ -22,7 +22,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::backend::{ExportRegistry, OpenExport};
 use super::bufpool::BufPool;
-use super::exec::{BASE_ALLOCATION_ID, Reply, error_reply, execute_guarded, runs_inline};
+use super::exec::{
+    BASE_ALLOCATION_ID, Reply, error_reply, execute_guarded, execute_inline, runs_inline,
+};
 use super::identity::PeerIdentity;
 use super::{ServerConfig, threaded};
 use crate::nbd::DecodeError;
@@ -607,21 +609,29 @@ async fn transmission(
             Vec::new()
         };
         let cookie = h.cookie;
-        if runs_inline(&cmd) {
+        let (cmd, payload) = if runs_inline(&cmd) {
             // Small requests are cheaper to serve here than to hand to another thread and back:
-            // 4 KiB of XTS is about a microsecond, a thread handoff several.
-            let reply = execute_guarded(&*backend, &pool, cmd, cookie, payload, structured);
-            // A client that stops reading blocks this write, and so stops us reading more
-            // requests: that is the backpressure.
-            let wrote =
-                until_stop!(async { write_reply(&mut *out.lock().await, reply, &pool).await });
-            if let Err(e) = wrote {
-                break Err(e);
+            // 4 KiB of XTS is about a microsecond, a thread handoff several. Not a READ that
+            // would wait for the disk: that would stall the reactor.
+            match execute_inline(&*backend, &pool, cmd, cookie, payload, structured) {
+                Ok(reply) => {
+                    // A client that stops reading blocks this write, and so stops us reading
+                    // more requests: that is the backpressure.
+                    let wrote = until_stop!(async {
+                        write_reply(&mut *out.lock().await, reply, &pool).await
+                    });
+                    if let Err(e) = wrote {
+                        break Err(e);
+                    }
+                    drop(budget);
+                    unflushed = true;
+                    continue;
+                }
+                Err(cmd) => (cmd, Vec::new()),
             }
-            drop(budget);
-            unflushed = true;
-            continue;
-        }
+        } else {
+            (cmd, payload)
+        };
         let permit =
             until_stop!(in_flight.clone().acquire_owned()).expect("semaphore never closed");
         let backend = backend.clone();

@@ -35,7 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use super::ServerConfig;
 use super::backend::OpenExport;
 use super::bufpool::BufPool;
-use super::exec::{Reply, error_reply, execute_guarded, runs_inline};
+use super::exec::{Reply, error_reply, execute_guarded, execute_inline, runs_inline};
 use super::session::{BoxStream, DRAIN_AFTER_STOP, invalid, wait_true};
 use crate::nbd::consts::MAX_PAYLOAD;
 use crate::nbd::transmission::{self as tx, Command, ExportLimits, REQUEST_HEADER_LEN};
@@ -483,16 +483,23 @@ fn serve_requests(
             Vec::new()
         };
         let cookie = h.cookie;
-        if runs_inline(&cmd) {
-            let reply = execute_guarded(&*backend, &conn.pool, cmd, cookie, payload, structured);
-            drop(budget);
-            // A client that stops reading blocks this send (once the queue is full), and so
-            // stops us reading more requests: that is the backpressure.
-            if let Err(e) = conn.queue(reply) {
-                break Err(e);
+        let (cmd, payload) = if runs_inline(&cmd) {
+            match execute_inline(&*backend, &conn.pool, cmd, cookie, payload, structured) {
+                Ok(reply) => {
+                    drop(budget);
+                    // A client that stops reading blocks this send (once the queue is full),
+                    // and so stops us reading more requests: that is the backpressure.
+                    if let Err(e) = conn.queue(reply) {
+                        break Err(e);
+                    }
+                    continue;
+                }
+                // A READ that would wait for the device: to the pool like a large one.
+                Err(cmd) => (cmd, Vec::new()),
             }
-            continue;
-        }
+        } else {
+            (cmd, payload)
+        };
         let Some(permit) = acquire(&in_flight, 1) else {
             break Ok(());
         };

@@ -154,7 +154,26 @@ impl Volume {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.read_with(offset, buf, false).map(drop)
+    }
+
+    /// [`read`](Self::read) if it needs no device I/O (all of it in the page cache);
+    /// `Ok(false)` otherwise, with `buf` unspecified. Lets a caller serve cached reads on a
+    /// latency-critical thread and send the others where waiting is cheap.
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
+        self.read_with(offset, buf, true)
+    }
+
+    fn read_with(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, VolumeError> {
         self.check(offset, buf.len() as u64, false)?;
+        let read = |out: &mut [u8], at: u64| -> Result<bool, VolumeError> {
+            if nowait {
+                Ok(self.store.read_at_nowait(out, self.pos(at))?)
+            } else {
+                self.store.read_at(out, self.pos(at))?;
+                Ok(true)
+            }
+        };
         let u = self.unit;
         let mut done = 0usize;
         while done < buf.len() {
@@ -165,21 +184,29 @@ impl Volume {
                 // Whole units: read ciphertext into the caller's buffer, decrypt in place.
                 let n = ((buf.len() - done) / u as usize * u as usize).min(CHUNK);
                 let out = &mut buf[done..done + n];
-                self.store.read_at(out, self.pos(pos))?;
+                if !read(out, pos)? {
+                    return Ok(false);
+                }
                 self.decrypt_units(unit_idx, out);
                 done += n;
             } else {
                 let n = (u as usize - within).min(buf.len() - done);
-                with_scratch(u as usize, |s| -> Result<(), VolumeError> {
-                    self.read_unit(unit_idx, s)?;
-                    buf[done..done + n].copy_from_slice(&s[within..within + n]);
+                let got = with_scratch(u as usize, |s| -> Result<bool, VolumeError> {
+                    let got = read(s, unit_idx * u)?;
+                    if got {
+                        self.decrypt_units(unit_idx, s);
+                        buf[done..done + n].copy_from_slice(&s[within..within + n]);
+                    }
                     wipe(s);
-                    Ok(())
+                    Ok(got)
                 })?;
+                if !got {
+                    return Ok(false);
+                }
                 done += n;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `data` at `offset` (copied; see [`Volume::write_mut`] to save the copy).

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[allow(
     clippy::len_without_is_empty,
@@ -14,6 +15,12 @@ use std::sync::RwLock;
 pub trait BlockStore: Send + Sync {
     /// Fills `buf` from `offset`; bytes past the end read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Like [`read_at`](Self::read_at) when that would not wait for a device; `Ok(false)`
+    /// (contents of `buf` unspecified) when it would, e.g. the data is not in the page cache.
+    /// A store that cannot tell just reads.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_at(buf, offset).map(|()| true)
+    }
     /// Writes all of `buf` at `offset`, extending the store if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Everything written before this call is durable when it returns.
@@ -32,6 +39,9 @@ pub trait BlockStore: Send + Sync {
 impl<T: BlockStore + ?Sized> BlockStore for std::sync::Arc<T> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        (**self).read_at_nowait(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
@@ -56,11 +66,16 @@ impl<T: BlockStore + ?Sized> BlockStore for std::sync::Arc<T> {
 /// A sparse file: pread/pwrite, fdatasync, fallocate(PUNCH_HOLE), SEEK_DATA/SEEK_HOLE.
 pub struct FileStore {
     file: File,
+    /// Set once the file system refused `RWF_NOWAIT` (tmpfs does): plain reads from then on.
+    no_nowait: AtomicBool,
 }
 
 impl FileStore {
     pub fn new(file: File) -> FileStore {
-        FileStore { file }
+        FileStore {
+            file,
+            no_nowait: AtomicBool::new(false),
+        }
     }
 }
 
@@ -81,6 +96,51 @@ impl BlockStore for FileStore {
             }
         }
         Ok(())
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if self.no_nowait.load(Ordering::Relaxed) {
+            return self.read_at(buf, offset).map(|()| true);
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        loop {
+            // std has no preadv2; RWF_NOWAIT is the one flag that matters here.
+            // SAFETY: `iov` describes `buf`, valid for writes of its length for the call; the
+            // fd is owned by `self.file`.
+            let n = unsafe {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    offset as libc::off_t,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                if n == buf.len() {
+                    return Ok(true);
+                }
+                if n == 0 && offset >= self.file.metadata()?.len() {
+                    buf.fill(0); // past the end, as read_at
+                    return Ok(true);
+                }
+                // Short: the rest is not cached. The caller reads it all again, waiting.
+                return Ok(false);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(false),
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) => {
+                    self.no_nowait.store(true, Ordering::Relaxed);
+                    return self.read_at(buf, offset).map(|()| true);
+                }
+                _ => return Err(e),
+            }
+        }
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
