@@ -27,9 +27,10 @@ const MAX_REQ: u32 = 32 << 20;
 /// plus up to 8 MiB of recycled buffers parked (src/server/bufpool.rs), plus its two 64 KiB
 /// stream buffers.
 const HOSTILE_BUDGET_KIB: u64 = (64 + 8) * 1024 + 128;
-/// What one idle connection may hold: the two 64 KiB stream buffers, a parked 4 KiB buffer,
-/// the task, the channel and the socket state, with room for the allocator's rounding (a
-/// stated budget, not a measurement: the measured figure is printed).
+/// What one idle connection may hold: its read buffer (64 KiB) and reply queue (64 KiB), a
+/// parked 4 KiB buffer, its thread's touched stack and the socket state, with room for the
+/// allocator's rounding (a stated budget, not a measurement: the measured figure is printed;
+/// about 97 KiB with a thread per connection, 33 KiB before on the async path).
 const IDLE_BUDGET_KIB: u64 = 192;
 /// Slack over a measured level for runtime growth (blocking-pool threads, allocator arenas).
 /// Less than two maximum-size buffers: memory kept for each hostile connection after it is
