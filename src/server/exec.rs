@@ -11,6 +11,22 @@ use crate::nbd::transmission::{self as tx, Command};
 /// The `base:allocation` context id this server hands out (its only context).
 pub(super) const BASE_ALLOCATION_ID: u32 = 1;
 
+/// A connection's payload budget (`max_buffer_bytes`, at least one maximum-size request), in
+/// KiB permits: a client pipelining many 32 MiB requests waits instead of growing memory.
+pub(super) fn budget_kib(max_buffer_bytes: usize) -> u32 {
+    (max_buffer_bytes / 1024).max(MAX_PAYLOAD as usize / 1024) as u32
+}
+
+/// The KiB of that budget `cmd` holds while in flight (READ data, WRITE payload), capped at
+/// the whole budget; 0 for requests without data.
+pub(super) fn request_kib(cmd: &Command, budget_kib: u32) -> u32 {
+    let data_len = match *cmd {
+        Command::Read { length, .. } | Command::Write { length, .. } => length,
+        _ => 0,
+    };
+    data_len.div_ceil(1024).min(budget_kib)
+}
+
 /// A reply ready for the wire: a small header part and an optional data part.
 pub(super) struct Reply {
     pub(super) head: Vec<u8>,

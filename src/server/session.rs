@@ -23,7 +23,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use super::backend::{ExportRegistry, OpenExport};
 use super::bufpool::BufPool;
 use super::exec::{
-    BASE_ALLOCATION_ID, Reply, error_reply, execute_guarded, execute_inline, runs_inline,
+    BASE_ALLOCATION_ID, Reply, budget_kib, error_reply, execute_guarded, execute_inline,
+    request_kib, runs_inline,
 };
 use super::identity::PeerIdentity;
 use super::{ServerConfig, threaded};
@@ -497,9 +498,8 @@ async fn transmission(
         meta_allocation,
     };
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
-    // Bytes of payload buffered per connection (requests being read, replies not yet sent), in
-    // KiB permits: a client pipelining many 32 MiB requests waits instead of growing memory.
-    let budget_kib = (cfg.max_buffer_bytes / 1024).max(MAX_PAYLOAD as usize / 1024) as u32;
+    // Bytes of payload buffered per connection (requests being read, replies not yet sent).
+    let budget_kib = budget_kib(cfg.max_buffer_bytes);
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let detached = export.detached.clone();
     // Every wait of the reader (for the client, for buffer budget, for an in-flight slot, for
@@ -584,11 +584,7 @@ async fn transmission(
         if cmd == Command::Disconnect {
             break Ok(());
         }
-        let data_len = match cmd {
-            Command::Read { length, .. } | Command::Write { length, .. } => length,
-            _ => 0,
-        };
-        let budget = match data_len.div_ceil(1024).min(budget_kib) {
+        let budget = match request_kib(&cmd, budget_kib) {
             0 => None,
             kib => Some(
                 until_stop!(buffered.clone().acquire_many_owned(kib))

@@ -35,9 +35,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use super::ServerConfig;
 use super::backend::OpenExport;
 use super::bufpool::BufPool;
-use super::exec::{Reply, error_reply, execute_guarded, execute_inline, runs_inline};
+use super::exec::{
+    Reply, budget_kib, error_reply, execute_guarded, execute_inline, request_kib, runs_inline,
+};
 use super::session::{BoxStream, DRAIN_AFTER_STOP, invalid, wait_true};
-use crate::nbd::consts::MAX_PAYLOAD;
 use crate::nbd::transmission::{self as tx, Command, ExportLimits, REQUEST_HEADER_LEN};
 
 /// A plain connected socket in blocking mode.
@@ -397,8 +398,8 @@ fn serve_requests(
         structured,
         meta_allocation,
     };
-    // Payload bytes buffered per connection, in KiB permits (see the async session).
-    let budget_kib = (cfg.max_buffer_bytes / 1024).max(MAX_PAYLOAD as usize / 1024) as u32;
+    // Payload bytes buffered per connection (requests being read, replies not yet sent).
+    let budget_kib = budget_kib(cfg.max_buffer_bytes);
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let write_workers = Arc::new(Semaphore::new(write_parallelism()));
     let mut stop = conn.stopped.subscribe();
@@ -473,11 +474,7 @@ fn serve_requests(
         if cmd == Command::Disconnect {
             break Ok(());
         }
-        let data_len = match cmd {
-            Command::Read { length, .. } | Command::Write { length, .. } => length,
-            _ => 0,
-        };
-        let budget = match data_len.div_ceil(1024).min(budget_kib) {
+        let budget = match request_kib(&cmd, budget_kib) {
             0 => None,
             kib => match acquire(&buffered, kib) {
                 Some(p) => Some(p),
