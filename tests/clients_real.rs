@@ -169,7 +169,7 @@ fn qemu_io_write_read_pattern() {
         return;
     }
     let (srv, b) = TestServer::start_mem(64 * MIB);
-    // qemu 10 opens with NBD_OPT_EXTENDED_HEADERS and must fall back on ERR_UNSUP.
+    // qemu 10 opens with NBD_OPT_EXTENDED_HEADERS (tests/nbd_extended.rs checks it is used).
     let out = run_ok(
         60,
         &[

@@ -43,7 +43,7 @@ fn commented_keys_are_real() {
         let t = line.trim_start_matches("# ");
         let is_setting = line.starts_with("# ")
             && (t.starts_with('[') || t.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')));
-        if is_setting && !t.starts_with("root_key_credential") {
+        if is_setting && !t.starts_with("root_key_credential") && !t.starts_with("pin_credential") {
             text.push_str(t);
         } else {
             text.push_str(line);
@@ -54,6 +54,10 @@ fn commented_keys_are_real() {
     assert_eq!(c.control_group.as_deref(), Some("cryptvol"));
     assert!(c.nbd_tcp.is_some());
     assert!(c.tls.as_ref().is_some_and(|t| t.client_ca.is_some()));
+    assert!(matches!(
+        c.custody,
+        cryptvol::config::CustodyConfig::Pkcs11 { .. }
+    ));
     let cred = text.replace(
         "root_key_file = \"/var/lib/cryptvol/root.key\"",
         "root_key_credential = \"cryptvol-root-key\"",

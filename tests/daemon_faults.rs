@@ -131,7 +131,7 @@ fn injected_store_fault_is_an_nbd_error() {
     let listener = rt
         .block_on(async { tokio::net::UnixListener::bind(&sock) })
         .unwrap();
-    let reg = StaticRegistry::new().with("f", Arc::new(VolumeBackend(vol)), false);
+    let reg = StaticRegistry::new().with("f", Arc::new(VolumeBackend(vol, None)), false);
     rt.spawn(server::serve(
         vec![Listener::Unix(listener)],
         Arc::new(reg),

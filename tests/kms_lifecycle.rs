@@ -1,7 +1,11 @@
 //! Key manager: every transition and failure the cloud model defines.
 use cryptvol::kms::{Caller, EncryptionContext, Kms, KmsConfig, KmsError, RootKey};
 
-const C: Caller = Caller { uid: 0, pid: 1 };
+const C: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: 1,
+};
 
 fn ctx(v: &str) -> EncryptionContext {
     [("volume_id".to_string(), v.to_string())].into()
@@ -14,6 +18,7 @@ fn open(dir: &std::path::Path, min_days: u32) -> Kms {
         KmsConfig {
             min_pending_days: min_days,
             max_pending_days: 1096,
+            ..KmsConfig::default()
         },
     )
     .unwrap()
@@ -117,7 +122,7 @@ fn persistence_wrong_root_key_and_tampered_audit() {
     let wrong = Kms::open(d.path(), RootKey::from_bytes([8; 32]), KmsConfig::default());
     assert!(matches!(wrong, Err(KmsError::RootKey(_))));
 
-    // Edit one audit line: verify names it.
+    // Edit one audit line: verify names it (line 1 is the first start's openAuditLog).
     let path = d.path().join("audit.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();
     let edited = text.replacen("createKey", "createKeY", 1);
@@ -125,7 +130,7 @@ fn persistence_wrong_root_key_and_tampered_audit() {
     let kms = open(d.path(), 7);
     let r = kms.audit_verify().unwrap();
     assert!(!r.ok);
-    assert_eq!(r.broken_line, Some(1), "the edited line itself is named");
+    assert_eq!(r.broken_line, Some(2), "the edited line itself is named");
 }
 
 #[test]

@@ -30,7 +30,70 @@ fn context(b: &Value) -> Result<EncryptionContext, ApiError> {
     }
 }
 
+/// The audit log's name for an API operation (None: no such operation).
+fn audit_name(op: &str) -> Option<&'static str> {
+    Some(match op {
+        "create-key" => "createKey",
+        "describe-key" => "describeKey",
+        "list-keys" => "listKeys",
+        "enable-key" => "enableKey",
+        "disable-key" => "disableKey",
+        "rotate-key" => "rotateKey",
+        "schedule-key-deletion" => "scheduleKeyDeletion",
+        "cancel-key-deletion" => "cancelKeyDeletion",
+        "create-datakey" => "createDataKey",
+        "create-datakey-without-plaintext" => "createDataKeyWithoutPlaintext",
+        "encrypt-datakey" => "encryptDatakey",
+        "decrypt-datakey" => "decryptDatakey",
+        "encrypt-data" => "encryptData",
+        "decrypt-data" => "decryptData",
+        "gen-random" => "genRandom",
+        _ => return None,
+    })
+}
+
+/// Why a call failed: its request was refused before the key manager saw it (not audited
+/// yet), or the key manager refused it (audited by `Kms`).
+enum Failure {
+    Request(ApiError),
+    Kms(ApiError),
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Failure {
+        Failure::Request(e)
+    }
+}
+
+impl From<crate::kms::KmsError> for Failure {
+    fn from(e: crate::kms::KmsError) -> Failure {
+        Failure::Kms(e.into())
+    }
+}
+
+/// Runs one KMS operation. Every call of a known operation leaves an audit record: the key
+/// manager writes it, or, for a request refused here (a missing or malformed field), this.
 pub fn dispatch(kms: &Kms, c: &Caller, op: &str, b: &Value) -> Result<Value, ApiError> {
+    match run(kms, c, op, b) {
+        Ok(v) => Ok(v),
+        Err(Failure::Kms(e)) => Err(e),
+        Err(Failure::Request(e)) => {
+            if let Some(name) = audit_name(op) {
+                let key = b.get("key_id").and_then(Value::as_str);
+                let s = crate::kms::audit::Subject {
+                    key_id: key.map(|k| &k[..k.len().min(256)]),
+                    ..Default::default()
+                };
+                if let Err(ae) = kms.audit_event(c, name, s, &e.code) {
+                    tracing::error!(error = %ae, "audit log append failed");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn run(kms: &Kms, c: &Caller, op: &str, b: &Value) -> Result<Value, Failure> {
     Ok(match op {
         "create-key" => {
             let alias =
@@ -109,7 +172,8 @@ pub fn dispatch(kms: &Kms, c: &Caller, op: &str, b: &Value) -> Result<Value, Api
             if n == 0 || n % 8 != 0 {
                 return Err(ApiError::bad(
                     "random_data_length is in bits, a positive multiple of 8",
-                ));
+                )
+                .into());
             }
             json!({"random_data": hex::encode(kms.gen_random(c, (n / 8) as usize)?)})
         }
@@ -118,7 +182,8 @@ pub fn dispatch(kms: &Kms, c: &Caller, op: &str, b: &Value) -> Result<Value, Api
                 status: 404,
                 code: "KMS.0404".into(),
                 msg: format!("unknown operation {op:?}"),
-            });
+            }
+            .into());
         }
     })
 }

@@ -4,6 +4,7 @@
 //! credentials (SO_PEERCRED, SO_PEERGROUPS) and the caller is recorded in the audit log.
 //! Routes: `docs/api.md`.
 
+mod audit;
 mod auth;
 mod kms_ops;
 
@@ -25,6 +26,11 @@ pub use auth::{Access, group_gid};
 
 /// Largest JSON body accepted.
 const MAX_BODY: usize = 1 << 20;
+/// A JSON body (at most [`MAX_BODY`]) must arrive within this once its headers are in: a
+/// caller that stalls mid-body does not keep a connection slot.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// An import upload may pause at most this long between two pieces of its body.
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An API error: HTTP status, code and message, rendered as the cloud KMS error document.
 #[derive(Debug)]
@@ -79,24 +85,37 @@ fn error_response(e: ApiError) -> Response<Full<Bytes>> {
     )
 }
 
+/// Limits of the control socket against a caller that opens connections and stalls.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A request's headers (the first, and each next one on a kept-alive connection) must
+    /// arrive within this.
+    pub header_timeout: std::time::Duration,
+}
+
 /// Serves the control socket until `shutdown`.
 pub async fn serve(
     listener: UnixListener,
     daemon: Arc<Daemon>,
     access: Access,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let access = Arc::new(access);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut failures = crate::server::AcceptFailures::new("control");
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|v| *v) => return,
+        // At the cap, callers wait in the backlog until a connection ends: stalled ones end
+        // within `header_timeout`.
+        let Some(((stream, _), slot)) =
+            crate::server::accept_in_slot(&slots, &mut failures, &mut shutdown, || {
+                listener.accept()
+            })
+            .await
+        else {
+            return;
         };
         let cred = match stream.peer_cred() {
             Ok(c) => c,
@@ -107,6 +126,7 @@ pub async fn serve(
         };
         let caller = Caller {
             uid: cred.uid(),
+            gid: cred.gid(),
             pid: cred.pid().unwrap_or(0),
         };
         let groups = auth::peer_groups(&stream).unwrap_or_else(|e| {
@@ -127,26 +147,75 @@ pub async fn serve(
                             msg: format!("uid {} may not use the control socket", caller.uid),
                         }));
                     }
-                    Ok(match route(req, daemon, caller).await {
+                    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                        return Ok(metrics_response(&daemon));
+                    }
+                    let vol_op = volume_op(req.method(), req.uri().path());
+                    let r = route(req, daemon, caller).await;
+                    if let Some(op) = vol_op {
+                        crate::metrics::volume_op(
+                            op,
+                            r.as_ref().map(|_| ()).map_err(|e| e.code.as_str()),
+                        );
+                    }
+                    Ok(match r {
                         Ok(v) => respond(200, &v),
                         Err(e) => error_response(e),
                     })
                 }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
                 tracing::debug!(error = %e, "control connection ended");
             }
+            drop(slot);
         });
     }
 }
 
+/// `GET /metrics`: the Prometheus text exposition (`docs/metrics.md`).
+pub fn metrics_response(daemon: &Daemon) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+        .body(Full::new(Bytes::from(crate::metrics::render(
+            &daemon.exports.stats(),
+        ))))
+        .expect("static response parts")
+}
+
+/// The volume operation a request is, for the metrics.
+fn volume_op(m: &Method, path: &str) -> Option<&'static str> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (m, parts.as_slice()) {
+        (&Method::POST, ["v1", "volumes"]) => Some("create"),
+        (&Method::DELETE, ["v1", "volumes", _]) => Some("delete"),
+        (&Method::POST, ["v1", "volumes", _, a]) => {
+            ["import", "attach", "detach", "resize", "rewrap"]
+                .into_iter()
+                .find(|k| k == a)
+        }
+        _ => None,
+    }
+}
+
+/// Counts an API operation's result for the metrics.
+fn counted<T>(
+    r: Result<T, ApiError>,
+    record: impl FnOnce(Result<(), &str>),
+) -> Result<T, ApiError> {
+    record(r.as_ref().map(|_| ()).map_err(|e| e.code.as_str()));
+    r
+}
+
 async fn json_body(req: Request<Incoming>) -> Result<Value, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    let collect = http_body_util::Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = tokio::time::timeout(BODY_TIMEOUT, collect)
         .await
+        .map_err(|_| ApiError::bad("request body: not received in time"))?
         .map_err(|e| ApiError::bad(format!("request body: {e}")))?
         .to_bytes();
     if body.is_empty() {
@@ -195,17 +264,77 @@ fn bool_field(v: &Value, key: &str) -> bool {
         || matches!(v.get(key), Some(Value::String(s)) if s == "true")
 }
 
+/// Routes a request; state-changing volume calls are audited (`audit.rs`).
 async fn route(req: Request<Incoming>, d: Arc<Daemon>, c: Caller) -> Result<Value, ApiError> {
+    let audited = audit::volume_op(req.method(), req.uri().path());
+    let mut named = None;
+    let r = route_inner(req, d.clone(), c, &mut named).await;
+    if let Some((op, volume)) = audited {
+        audit::record(d, c, op, volume.or(named), &r).await;
+    }
+    r
+}
+
+/// `named`: set to the volume a create names in its body.
+async fn route_inner(
+    req: Request<Incoming>,
+    d: Arc<Daemon>,
+    c: Caller,
+    named: &mut Option<String>,
+) -> Result<Value, ApiError> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     match (method, parts.as_slice()) {
         (Method::GET, ["v1", "health"]) => Ok(json!({"status": "ok"})),
+        (Method::POST, ["v1", "kms", "import-key-to-hsm"]) => {
+            let b = json_body(req).await;
+            blocking(move || {
+                let request = b.and_then(|b| {
+                    let key = str_field(&b, "key_id")?
+                        .ok_or_else(|| ApiError::bad("key_id is required"))?;
+                    Ok((key.to_owned(), bool_field(&b, "keep_file_material")))
+                });
+                let (key, keep) = match request {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Refused before the key manager saw it: audited here, as kms_ops does.
+                        let s = crate::kms::audit::Subject::default();
+                        if let Err(ae) = d.kms.audit_event(&c, "importKeyToHsm", s, &e.code) {
+                            tracing::error!(error = %ae, "audit log append failed");
+                        }
+                        return Err(e);
+                    }
+                };
+                let (meta, volumes, dropped) = d.import_key_to_hsm(&c, &key, keep)?;
+                Ok(json!({"key_info": meta, "rewrapped_volumes": volumes, "file_material_dropped": dropped}))
+            })
+            .await
+        }
         (Method::POST, ["v1", "kms", op]) => {
-            let op = op.to_string();
+            let (op, op2) = (op.to_string(), op.to_string());
             let body = json_body(req).await?;
-            blocking(move || kms_ops::dispatch(&d.kms, &c, &op, &body)).await
+            let key_id = body
+                .get("key_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let r = blocking(move || kms_ops::dispatch(&d.kms, &c, &op2, &body)).await;
+            if let Err(e) = &r {
+                tracing::info!(
+                    operation = %op,
+                    key_id = key_id.as_deref().unwrap_or(""),
+                    peer_uid = c.uid,
+                    code = %e.code,
+                    "KMS operation refused: {}",
+                    e.msg
+                );
+            }
+            counted(r, |r| crate::metrics::kms_op(&op, r))
+        }
+        (Method::GET, ["v1", "audit", "head"]) => {
+            blocking(move || Ok(serde_json::to_value(d.kms.audit_head()?).unwrap_or_default()))
+                .await
         }
         (Method::GET, ["v1", "audit", "verify"]) => {
             blocking(move || Ok(serde_json::to_value(d.kms.audit_verify()?).unwrap_or_default()))
@@ -219,17 +348,37 @@ async fn route(req: Request<Incoming>, d: Arc<Daemon>, c: Caller) -> Result<Valu
             let name = str_field(&b, "name")?
                 .ok_or_else(|| ApiError::bad("name is required"))?
                 .to_owned();
+            *named = Some(name.clone());
             let size = num_field(&b, "size")?.ok_or_else(|| ApiError::bad("size is required"))?;
-            let sector = num_field(&b, "sector_size")?.unwrap_or(4096) as u32;
+            let sector = match num_field(&b, "sector_size")? {
+                None => 4096,
+                Some(v) => u32::try_from(v)
+                    .map_err(|_| ApiError::bad("sector size must be 512 or 4096"))?,
+            };
             let key = str_field(&b, "key_id")?.map(str::to_owned);
+            let encrypt_zeroes = bool_field(&b, "encrypt_zeroes");
+            let store = match str_field(&b, "store")? {
+                None => None,
+                Some(s) => Some(crate::daemon::StoreKind::parse(s).ok_or_else(|| {
+                    ApiError::bad(format!("store {s:?} must be \"file\" or \"rbd\""))
+                })?),
+            };
+            let pool = str_field(&b, "pool")?.map(str::to_owned);
+            let qos = crate::server::QosLimits {
+                iops: num_field(&b, "iops")?.unwrap_or(0),
+                bandwidth: num_field(&b, "bandwidth")?.unwrap_or(0),
+            };
             blocking(move || {
-                Ok(json!(d.create_volume(
-                    &c,
-                    &name,
+                let v = crate::daemon::NewVolume {
                     size,
-                    sector,
-                    key.as_deref()
-                )?))
+                    sector_size: sector,
+                    key: key.as_deref(),
+                    encrypt_zeroes,
+                    store,
+                    pool: pool.as_deref(),
+                    qos,
+                };
+                Ok(json!(d.create(&c, &name, &v)?))
             })
             .await
         }
@@ -257,14 +406,26 @@ async fn route(req: Request<Incoming>, d: Arc<Daemon>, c: Caller) -> Result<Valu
             let size = num_field(&q, "size")?
                 .ok_or_else(|| ApiError::bad("size query parameter is required"))?;
             let key = str_field(&q, "key_id")?.map(str::to_owned);
-            import(req, d, c, name, size, key).await
+            let store = match str_field(&q, "store")? {
+                None => None,
+                Some(s) => Some(crate::daemon::StoreKind::parse(s).ok_or_else(|| {
+                    ApiError::bad(format!("store {s:?} must be \"file\" or \"rbd\""))
+                })?),
+            };
+            let pool = str_field(&q, "pool")?.map(str::to_owned);
+            import(req, d, c, name, size, key, (store, pool)).await
         }
         (Method::POST, ["v1", "volumes", name, action]) => {
             let (name, action) = (name.to_string(), action.to_string());
             let b = json_body(req).await?;
             blocking(move || {
                 let info = match action.as_str() {
-                    "attach" => d.attach(&c, &name, bool_field(&b, "read_only"))?,
+                    "attach" => d.attach_with(
+                        &c,
+                        &name,
+                        bool_field(&b, "read_only"),
+                        bool_field(&b, "takeover"),
+                    )?,
                     "detach" => d.detach(&name, bool_field(&b, "force"))?,
                     "resize" => {
                         let size = num_field(&b, "size")?
@@ -272,6 +433,9 @@ async fn route(req: Request<Incoming>, d: Arc<Daemon>, c: Caller) -> Result<Valu
                         d.resize(&name, size)?
                     }
                     "rewrap" => d.rewrap(&c, &name)?,
+                    "set" => {
+                        d.set_qos(&name, num_field(&b, "iops")?, num_field(&b, "bandwidth")?)?
+                    }
                     _ => {
                         return Err(ApiError {
                             status: 404,
@@ -301,6 +465,7 @@ async fn import(
     name: String,
     size: u64,
     key: Option<String>,
+    place: (Option<crate::daemon::StoreKind>, Option<String>),
 ) -> Result<Value, ApiError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(8);
     let job = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
@@ -308,16 +473,35 @@ async fn import(
             rx,
             cur: Bytes::new(),
         };
-        Ok(json!(d.import_volume(
+        Ok(json!(d.import_to(
             &c,
             &name,
             size,
             key.as_deref(),
+            (place.0, place.1.as_deref()),
             reader
         )?))
     });
+    let mut job = job;
+    let join = |r: Result<Result<Value, ApiError>, tokio::task::JoinError>| {
+        r.map_err(|e| ApiError {
+            status: 500,
+            code: "API.0500".into(),
+            msg: e.to_string(),
+        })?
+    };
     let mut body = req.into_body();
-    while let Some(frame) = body.frame().await {
+    loop {
+        // An upload that stops sending ends: it would hold a connection slot and the importer.
+        // The importer may also end first (a name in use, a bad key): answer then, without
+        // waiting for a body it will not read.
+        let frame = tokio::select! {
+            r = &mut job => return join(r),
+            f = tokio::time::timeout(UPLOAD_IDLE, body.frame()) => f,
+        };
+        let Some(frame) = frame.map_err(|_| ApiError::bad("upload: no data for 60 s"))? else {
+            break;
+        };
         let frame = frame.map_err(|e| ApiError::bad(format!("upload: {e}")))?;
         if let Ok(data) = frame.into_data() {
             let tx = tx.clone();
@@ -331,11 +515,7 @@ async fn import(
         }
     }
     drop(tx);
-    job.await.map_err(|e| ApiError {
-        status: 500,
-        code: "API.0500".into(),
-        msg: e.to_string(),
-    })?
+    join(job.await)
 }
 
 struct ChannelReader {

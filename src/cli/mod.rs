@@ -1,13 +1,14 @@
 //! The `cryptvol` command line: clap commands, a thin client of the control API (no rule is
 //! implemented twice). The only part that uses `anyhow` and decides process exit codes.
 
+mod audit;
 mod client;
 mod output;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
@@ -61,6 +62,18 @@ enum Cmd {
     Audit(AuditCmd),
     /// NBD load generator
     Bench(crate::bench::BenchArgs),
+    /// Writes the man pages (one per subcommand) into DIR (packaging)
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Writes bash, zsh and fish completions into DIR (packaging)
+    #[command(hide = true)]
+    Completions {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -72,27 +85,32 @@ enum KeyCmd {
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// List the customer master keys
     List,
-    Describe {
-        key: String,
-    },
-    Enable {
-        key: String,
-    },
-    Disable {
-        key: String,
-    },
+    /// Show one key (id or alias): state, versions, deletion date
+    Describe { key: String },
+    /// Enable a disabled key
+    Enable { key: String },
+    /// Disable a key: no new wrap or unwrap (attached volumes keep running)
+    Disable { key: String },
     /// New key version; old versions keep decrypting
-    Rotate {
-        key: String,
-    },
+    Rotate { key: String },
+    /// Schedule the key's destruction after --pending-days
     ScheduleDeletion {
         key: String,
         #[arg(long)]
         pending_days: u32,
     },
-    CancelDeletion {
+    /// Cancel a scheduled deletion (the key comes back disabled)
+    CancelDeletion { key: String },
+    /// Move a file-custody key into the PKCS#11 token ([kms] custody = "pkcs11"): a
+    /// non-extractable object per version, every volume under it re-wrapped, the sealed
+    /// material dropped. Client-held cipher texts of the key stop decrypting unless
+    /// --keep-file-material (re-encrypt them, then run again without it).
+    ImportToHsm {
         key: String,
+        #[arg(long)]
+        keep_file_material: bool,
     },
 }
 
@@ -110,8 +128,11 @@ struct DatakeyOpts {
 
 #[derive(Subcommand)]
 enum DatakeyCmd {
+    /// create-datakey: a data key, in plain and wrapped
     Create(DatakeyOpts),
+    /// create-datakey-without-plaintext: a wrapped data key only
     CreateWithoutPlaintext(DatakeyOpts),
+    /// encrypt-datakey: wrap a data key (hex) under a key
     Encrypt {
         #[arg(long)]
         key: String,
@@ -120,6 +141,7 @@ enum DatakeyCmd {
         #[arg(long = "context", value_parser = parse_kv)]
         context: Vec<(String, String)>,
     },
+    /// decrypt-datakey: unwrap a wrapped data key
     Decrypt {
         #[arg(long)]
         cipher_text: String,
@@ -130,20 +152,20 @@ enum DatakeyCmd {
 
 #[derive(Subcommand)]
 enum EnvelopeCmd {
+    /// Encrypt a file under a fresh data key wrapped by --key
     Encrypt {
         #[arg(long)]
         key: String,
         input: PathBuf,
         output: PathBuf,
     },
-    Decrypt {
-        input: PathBuf,
-        output: PathBuf,
-    },
+    /// Decrypt an envelope file
+    Decrypt { input: PathBuf, output: PathBuf },
 }
 
 #[derive(Subcommand)]
 enum VolumeCmd {
+    /// Create an encrypted volume (a sparse file) with its own data key
     Create {
         name: String,
         #[arg(long)]
@@ -152,23 +174,53 @@ enum VolumeCmd {
         key: Option<String>,
         #[arg(long, default_value_t = 4096)]
         sector_size: u32,
+        /// Store all-zero data encrypted too, so the backing file does not show which blocks
+        /// are zero (default: thin, zero blocks stored as zeros; see docs/volume-format.md)
+        #[arg(long)]
+        encrypt_zeroes: bool,
+        /// Where the volume lives: `file` (the state dir) or `rbd` (an image in the [ceph]
+        /// cluster); default: [volumes] store
+        #[arg(long)]
+        store: Option<String>,
+        /// The pool of an RBD volume (default: [ceph] pool)
+        #[arg(long)]
+        pool: Option<String>,
+        /// Cap on requests per second (0 = unlimited)
+        #[arg(long, default_value_t = 0)]
+        iops: u64,
+        /// Cap on bytes per second, like 200M (binary units; 0 = unlimited)
+        #[arg(long, default_value = "0")]
+        bandwidth: String,
     },
+    /// Create a volume from a raw image, encrypting it on the way in
     Import {
         name: String,
         #[arg(long)]
         from: PathBuf,
         #[arg(long)]
         key: Option<String>,
+        /// `file` or `rbd` (default: [volumes] store)
+        #[arg(long)]
+        store: Option<String>,
+        /// The pool of an RBD volume (default: [ceph] pool)
+        #[arg(long)]
+        pool: Option<String>,
     },
+    /// List the volumes and whether they are attached
     List,
-    Inspect {
-        name: String,
-    },
+    /// Show a volume's header: size, sector size, key, state
+    Inspect { name: String },
+    /// Unwrap the volume's key and serve it over NBD
     Attach {
         name: String,
         #[arg(long)]
         read_only: bool,
+        /// RBD volume held by another host: break its lock (the cluster blocklists it, so
+        /// it never writes to the volume again) and take it over
+        #[arg(long)]
+        takeover: bool,
     },
+    /// Stop serving a volume and wipe its key from memory
     Detach {
         name: String,
         #[arg(long)]
@@ -181,18 +233,32 @@ enum VolumeCmd {
         size: String,
     },
     /// Re-wrap the DEK under the key's newest version
-    Rewrap {
+    Rewrap { name: String },
+    /// Change QoS limits, online (0 = unlimited; a limit not given is kept)
+    Set {
         name: String,
+        /// Requests per second
+        #[arg(long)]
+        iops: Option<u64>,
+        /// Bytes per second, like 200M
+        #[arg(long)]
+        bandwidth: Option<String>,
     },
-    Delete {
-        name: String,
-    },
+    /// Delete a detached volume and its file
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Walk the hash chain; report the first broken record
-    Verify,
+    /// Verify the keyed chain and, through the daemon, that nothing was replaced or cut;
+    /// report the first broken record
+    Verify {
+        /// Without the daemon: the chain only, with the root key from --config
+        #[arg(long)]
+        offline: bool,
+    },
+    /// The daemon's chain head: last seq and hash, the file it appends to
+    Head,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -231,9 +297,28 @@ const DEFAULT_LOG: &str = "info,rustls=error";
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    // Under systemd, stderr goes to the journal; no key byte is ever logged.
+    use tracing_subscriber::prelude::*;
+    // No key byte is ever logged.
     let filter =
         EnvFilter::try_from_env("CRYPTVOL_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
+    // Started by systemd with stderr connected to the journal: log natively, one journal
+    // entry per event with its fields (`journalctl -u cryptvol VOLUME=vol1`). Field names
+    // unprefixed and upper-cased: `volume` -> VOLUME=, `key_id` -> KEY_ID=, `peer_uid` ->
+    // PEER_UID=, `client` -> CLIENT=.
+    if stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer
+                    .with_field_prefix(None)
+                    .with_syslog_identifier("cryptvol".into());
+                let _ = tracing_subscriber::registry()
+                    .with(layer.with_filter(filter))
+                    .try_init();
+                return;
+            }
+            Err(e) => eprintln!("cryptvol: journal socket: {e}; logging to stderr"),
+        }
+    }
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
     let _ = tracing_subscriber::fmt()
@@ -241,6 +326,31 @@ fn init_logging() {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// `JOURNAL_STREAM` names (device:inode) the stream systemd connected to stderr; a process
+/// that inherited the variable but whose stderr goes elsewhere (a script's `2>file`) logs to
+/// stderr (systemd.exec(5)).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// The command tree for man pages and completions, without the packaging commands.
+fn docs_command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command()
+        .mut_subcommand("man", |c| c.hide(true))
+        .mut_subcommand("completions", |c| c.hide(true))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -294,6 +404,24 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow!(e))
         }
         Cmd::Bench(args) => crate::bench::run(args.clone(), cli.json).map_err(|e| anyhow!(e)),
+        Cmd::Audit(AuditCmd::Verify { offline: true }) => {
+            audit::verify_offline(cli.config.as_deref(), cli.json)
+        }
+        Cmd::Man { out } => {
+            std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+            // cryptvol.1, cryptvol-volume.1, cryptvol-volume-create.1, ... (hidden ones not).
+            clap_mangen::generate_to(docs_command(), out)
+                .with_context(|| format!("man pages into {}", out.display()))
+        }
+        Cmd::Completions { out } => {
+            use clap_complete::Shell;
+            std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+            for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                clap_complete::generate_to(shell, &mut docs_command(), "cryptvol", out)
+                    .with_context(|| format!("{shell} completion into {}", out.display()))?;
+            }
+            Ok(())
+        }
         _ => {
             let sock = socket_path(&cli)?;
             runtime()?.block_on(client_command(&cli, &sock))
@@ -336,6 +464,17 @@ async fn client_command(cli: &Cli, sock: &Path) -> Result<()> {
                 KeyCmd::CancelDeletion { key } => {
                     kms(sock, "cancel-key-deletion", json!({"key_id": key})).await?
                 }
+                KeyCmd::ImportToHsm {
+                    key,
+                    keep_file_material,
+                } => {
+                    kms(
+                        sock,
+                        "import-key-to-hsm",
+                        json!({"key_id": key, "keep_file_material": keep_file_material}),
+                    )
+                    .await?
+                }
             };
             match k {
                 KeyCmd::Create { .. } => {
@@ -369,30 +508,14 @@ async fn client_command(cli: &Cli, sock: &Path) -> Result<()> {
         }
         Cmd::Envelope(e) => envelope(sock, j, e).await?,
         Cmd::Volume(v) => volume(sock, j, v).await?,
-        Cmd::Audit(AuditCmd::Verify) => {
-            let v = client::call(sock, "GET", "/v1/audit/verify", None).await?;
-            output::print(j, &v, |v| {
-                if v["ok"].as_bool() == Some(true) {
-                    format!("audit log intact: {} records", v["records"])
-                } else {
-                    format!(
-                        "audit log BROKEN at line {}: {}",
-                        v["broken_line"],
-                        output::s(&v["reason"])
-                    )
-                }
-            });
-            if v["ok"].as_bool() != Some(true) {
-                let msg = format!("audit chain broken at line {}", v["broken_line"]);
-                if j {
-                    // The report above is the one JSON document on stdout (SPEC §1).
-                    eprintln!("cryptvol: {msg}");
-                    std::process::exit(1);
-                }
-                bail!(msg);
-            }
-        }
-        Cmd::Init { .. } | Cmd::Serve | Cmd::Demo | Cmd::Bench(_) => unreachable!("handled in run"),
+        Cmd::Audit(AuditCmd::Verify { .. }) => audit::verify(sock, j).await?,
+        Cmd::Audit(AuditCmd::Head) => audit::head(sock, j).await?,
+        Cmd::Init { .. }
+        | Cmd::Serve
+        | Cmd::Demo
+        | Cmd::Bench(_)
+        | Cmd::Man { .. }
+        | Cmd::Completions { .. } => unreachable!("handled in run"),
     }
     Ok(())
 }
@@ -469,18 +592,20 @@ fn size_arg(s: &str) -> Result<u64> {
 async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
     let path = |name: &str, action: &str| format!("/v1/volumes/{name}/{action}");
     let info = match v {
-        VolumeCmd::Create { name, size, key, sector_size } => {
-            client::call(sock, "POST", "/v1/volumes", Some(json!({"name": name, "size": size_arg(size)?.to_string(), "key_id": key, "sector_size": sector_size.to_string()}))).await?
+        VolumeCmd::Create { name, size, key, sector_size, encrypt_zeroes, store, pool, iops, bandwidth } => {
+            client::call(sock, "POST", "/v1/volumes", Some(json!({"name": name, "size": size_arg(size)?.to_string(), "key_id": key, "sector_size": sector_size.to_string(), "encrypt_zeroes": encrypt_zeroes, "store": store, "pool": pool, "iops": iops.to_string(), "bandwidth": size_arg(bandwidth)?.to_string()}))).await?
         }
-        VolumeCmd::Import { name, from, key } => import(sock, name, from, key.as_deref()).await?,
+        VolumeCmd::Import { name, from, key, store, pool } => {
+            import(sock, name, from, key.as_deref(), [("store", store), ("pool", pool)]).await?
+        }
         VolumeCmd::List => {
             let l = client::call(sock, "GET", "/v1/volumes", None).await?;
             output::print(j, &l, |l| output::volume_table(l["volumes"].as_array()));
             return Ok(());
         }
         VolumeCmd::Inspect { name } => client::call(sock, "GET", &format!("/v1/volumes/{name}"), None).await?,
-        VolumeCmd::Attach { name, read_only } => {
-            client::call(sock, "POST", &path(name, "attach"), Some(json!({"read_only": read_only}))).await?
+        VolumeCmd::Attach { name, read_only, takeover } => {
+            client::call(sock, "POST", &path(name, "attach"), Some(json!({"read_only": read_only, "takeover": takeover}))).await?
         }
         VolumeCmd::Detach { name, force } => {
             client::call(sock, "POST", &path(name, "detach"), Some(json!({"force": force}))).await?
@@ -489,6 +614,11 @@ async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
             client::call(sock, "POST", &path(name, "resize"), Some(json!({"size": size_arg(size)?.to_string()}))).await?
         }
         VolumeCmd::Rewrap { name } => client::call(sock, "POST", &path(name, "rewrap"), Some(json!({}))).await?,
+        VolumeCmd::Set { name, iops, bandwidth } => {
+            let bandwidth = bandwidth.as_deref().map(size_arg).transpose()?.map(|b| b.to_string());
+            let body = json!({"iops": iops.map(|i| i.to_string()), "bandwidth": bandwidth});
+            client::call(sock, "POST", &path(name, "set"), Some(body)).await?
+        }
         VolumeCmd::Delete { name } => {
             let r = client::call(sock, "DELETE", &format!("/v1/volumes/{name}"), None).await?;
             output::print(j, &r, |_| format!("deleted {name}"));
@@ -500,7 +630,13 @@ async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
 }
 
 /// Streams an image to the daemon, with a progress bar on a TTY.
-async fn import(sock: &Path, name: &str, from: &Path, key: Option<&str>) -> Result<Value> {
+async fn import(
+    sock: &Path,
+    name: &str,
+    from: &Path,
+    key: Option<&str>,
+    place: [(&str, &Option<String>); 2],
+) -> Result<Value> {
     use std::io::{IsTerminal, Read};
     let mut f = std::fs::File::open(from).with_context(|| from.display().to_string())?;
     let size = f.metadata()?.len();
@@ -544,6 +680,11 @@ async fn import(sock: &Path, name: &str, from: &Path, key: Option<&str>) -> Resu
     let mut q = format!("/v1/volumes/{name}/import?size={size}");
     if let Some(k) = key {
         q.push_str(&format!("&key_id={k}"));
+    }
+    for (k, v) in place {
+        if let Some(v) = v {
+            q.push_str(&format!("&{k}={v}"));
+        }
     }
     let r = client::call_stream(sock, &q, rx).await;
     let _ = reader.join();

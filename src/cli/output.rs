@@ -89,13 +89,39 @@ pub fn volume_table(vols: Option<&Vec<Value>>) -> String {
                 s(&v["size"]),
                 s(&v["sector_size"]),
                 s(&v["key_id"]),
+                s(&v["store"]),
                 att.into(),
+                if v["holder"].is_string() {
+                    s(&v["holder"])
+                } else {
+                    "-".into()
+                },
+                qos(&v["qos"]),
                 s(&v["status"]),
             ]
         })
         .collect();
     table(
-        &["NAME", "SIZE", "SECTOR", "KEY_ID", "STATE", "STATUS"],
+        &[
+            "NAME", "SIZE", "SECTOR", "KEY_ID", "STORE", "STATE", "HOLDER", "QOS", "STATUS",
+        ],
         rows,
     )
+}
+
+/// A volume's QoS limits for the table: `1000 iops, 209715200 B/s`, or `-` when unlimited.
+fn qos(q: &Value) -> String {
+    let n = |k: &str| q[k].as_u64().unwrap_or(0);
+    let mut parts = Vec::new();
+    if n("iops") > 0 {
+        parts.push(format!("{} iops", n("iops")));
+    }
+    if n("bandwidth") > 0 {
+        parts.push(format!("{} B/s", n("bandwidth")));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
 }

@@ -8,7 +8,9 @@
 //! - an entry equal to a subjectAltName dNSName, compared ASCII case-insensitively.
 //!
 //! Nothing else is matched (no wildcards, no IP or e-mail SANs, no other subject fields).
-//! Volumes not named there are open to every client the transport admitted.
+//! Volumes not named there are open to every Unix-socket client and every verified TLS client;
+//! to peers without a verified certificate only when the config opts in
+//! (`nbd.insecure_plaintext`, which is also the only way such a peer reaches the server).
 
 use std::collections::BTreeMap;
 
@@ -18,17 +20,29 @@ use crate::server::{CertNames, PeerIdentity};
 #[derive(Debug, Clone, Default)]
 pub struct ClientPolicy {
     allowed: BTreeMap<String, Vec<String>>,
+    anonymous: bool,
 }
 
 impl ClientPolicy {
     pub fn new(allowed: BTreeMap<String, Vec<String>>) -> ClientPolicy {
-        ClientPolicy { allowed }
+        ClientPolicy {
+            allowed,
+            anonymous: false,
+        }
+    }
+
+    /// Whether TCP peers without a verified certificate may see and open unlisted volumes
+    /// (`nbd.insecure_plaintext`). Off by default: config validation keeps such peers away
+    /// unless opted in, and this keeps the registry closed to them even if one slipped past.
+    pub fn admit_anonymous(mut self, yes: bool) -> ClientPolicy {
+        self.anonymous = yes;
+        self
     }
 
     /// Whether `peer` may see and open `volume`.
     pub fn permits(&self, volume: &str, peer: &PeerIdentity) -> bool {
         let Some(list) = self.allowed.get(volume) else {
-            return true;
+            return *peer != PeerIdentity::Anonymous || self.anonymous;
         };
         match peer {
             PeerIdentity::Local => true,
@@ -75,16 +89,18 @@ mod tests {
     }
 
     #[test]
-    fn unlisted_volumes_are_open_to_all() {
+    fn unlisted_volumes_are_open_to_all_but_the_unproven() {
         let p = policy();
-        for peer in [
-            PeerIdentity::Local,
-            PeerIdentity::Anonymous,
-            cert(&["stranger"], &[]),
-        ] {
+        for peer in [PeerIdentity::Local, cert(&["stranger"], &[])] {
             assert!(p.permits("vol2", &peer), "{peer}");
         }
         assert!(ClientPolicy::default().permits("vol1", &cert(&[], &[])));
+        assert!(!p.permits("vol2", &PeerIdentity::Anonymous));
+        assert!(!ClientPolicy::default().permits("vol1", &PeerIdentity::Anonymous));
+        // Opted in (nbd.insecure_plaintext): unlisted volumes only.
+        let open = policy().admit_anonymous(true);
+        assert!(open.permits("vol2", &PeerIdentity::Anonymous));
+        assert!(!open.permits("vol1", &PeerIdentity::Anonymous));
     }
 
     #[test]

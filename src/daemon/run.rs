@@ -32,6 +32,25 @@ pub fn init_state_dir(dir: &Path) -> Result<PathBuf, DaemonError> {
     Ok(key)
 }
 
+/// Says where the key store's sealing key lives and logs the audit chain's head (a copy of
+/// both outside the state dir, in the journal).
+fn log_kms_start(kms: &Kms, cfg: &Config) {
+    let (sealing, generation) = kms.sealing();
+    tracing::info!(sealing_file = %sealing.display(), generation, "key store open");
+    let root_outside = match &cfg.root_key {
+        RootKeySource::File(p) => !p.starts_with(&cfg.state_dir),
+        RootKeySource::Credential(_) => true,
+    };
+    if root_outside && sealing.starts_with(&cfg.state_dir) {
+        tracing::warn!(
+            sealing_file = %sealing.display(),
+            "the sealing file is in the state dir: restoring the state dir from a backup can \
+             bring destroyed keys back; set [kms] sealing_key_file outside it"
+        );
+    }
+    kms.log_audit_head("start");
+}
+
 /// systemd's notify protocol: a datagram to $NOTIFY_SOCKET (a few lines; no crate needed).
 fn sd_notify(msg: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -109,25 +128,38 @@ impl Running {
             RootKeySource::Credential(n) => RootKey::load_credential(n),
         }
         .map_err(|e| e.to_string())?;
-        let kms = Kms::open(
+        let hsm = open_custody(cfg)?;
+        let kms = Kms::open_with_custody(
             &cfg.state_dir.join("kms"),
             root,
             KmsConfig {
                 min_pending_days: cfg.min_pending_days,
                 max_pending_days: cfg.max_pending_days,
+                sealing_key_file: cfg.sealing_key_file.clone(),
             },
+            hsm,
         )
         .map_err(|e| format!("key store: {e}"))?;
+        log_kms_start(&kms, cfg);
         let policy = ClientPolicy::new(
             cfg.tls
                 .as_ref()
                 .map(|t| t.allowed_clients.clone())
                 .unwrap_or_default(),
-        );
+        )
+        .admit_anonymous(cfg.insecure_plaintext);
         let daemon = Arc::new(
-            Daemon::new(&cfg.state_dir, kms, cfg.max_connections_per_export, policy)
-                .map_err(|e| e.to_string())?,
+            Daemon::with_stores(
+                &cfg.state_dir,
+                kms,
+                cfg.max_connections_per_export,
+                policy,
+                cfg.ceph.as_ref(),
+                cfg.default_store,
+            )
+            .map_err(|e| e.to_string())?,
         );
+        daemon.start_fence_worker();
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || {
             d.restore();
@@ -155,8 +187,19 @@ impl Running {
                 .map_err(|e| format!("{}: {e}", cfg.nbd_unix_socket.display()))?,
         )];
         if let Some(addr) = cfg.nbd_tcp {
-            if !addr.ip().is_loopback() && cfg.tls.is_none() {
-                tracing::warn!(%addr, "NBD over plaintext TCP on a non-loopback address (insecure_plaintext = true)");
+            // Config::parse refuses this unless nbd.insecure_plaintext opts in.
+            if cfg.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+                let wire = if cfg.tls.is_none() {
+                    "; disk data crosses the wire in plaintext"
+                } else {
+                    ""
+                };
+                tracing::warn!(
+                    %addr,
+                    "nbd.insecure_plaintext = true: NBD over TCP without client certificates: \
+                     any peer that reaches {addr} (any local user on loopback) can read and \
+                     write every attached volume{wire}"
+                );
             }
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -166,6 +209,7 @@ impl Running {
         let scfg = ServerConfig {
             max_connections: cfg.max_connections,
             handshake_timeout: cfg.handshake_timeout,
+            max_handshakes: cfg.max_handshakes,
             max_in_flight: cfg.max_in_flight,
             max_buffer_bytes: cfg.max_buffer_bytes,
             idle_timeout: cfg.idle_timeout,
@@ -186,23 +230,53 @@ impl Running {
                 None => None,
             };
         if let Some(gid) = group {
-            std::os::unix::fs::chown(&cfg.control_socket, None, Some(gid))
-                .map_err(|e| format!("{}: {e}", cfg.control_socket.display()))?;
+            std::os::unix::fs::chown(&cfg.control_socket, None, Some(gid)).map_err(|e| {
+                let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                    // The unit runs without CAP_CHOWN: only the daemon's own groups work.
+                    " (the daemon must be a member of control.group, or have CAP_CHOWN)"
+                } else {
+                    ""
+                };
+                format!("{}: {e}{hint}", cfg.control_socket.display())
+            })?;
         }
         let access = Access {
             daemon_uid: super::sys::effective_uid(),
             group,
         };
-        let api = tokio::spawn(api::serve(control, daemon.clone(), access, rx));
-        // Keys whose deletion window ends while the daemon runs are destroyed within a minute.
+        let limits = api::Limits {
+            max_connections: cfg.control_max_connections,
+            header_timeout: cfg.control_header_timeout,
+        };
+        if let Some(addr) = cfg.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("metrics.listen {addr}: {e}"))?;
+            tokio::spawn(super::metrics::serve(l, daemon.clone(), rx.clone()));
+        }
+        let api = tokio::spawn(api::serve(control, daemon.clone(), access, limits, rx));
+        // Keys whose deletion window ends while the daemon runs are destroyed within a minute;
+        // the audit chain's head goes to the journal every 5 minutes when it moved.
         let sweeper = daemon.clone();
+        let mut logged = daemon.kms.audit_head().ok().map(|h| h.seq);
         tokio::spawn(async move {
             let mut t = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
+            for minute in 1u64.. {
                 t.tick().await;
-                if let Err(e) = sweeper.kms.sweep_deletions() {
-                    tracing::warn!("key deletion sweep: {e}");
-                }
+                let (k, prev) = (sweeper.clone(), logged);
+                logged = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = k.kms.sweep_deletions() {
+                        tracing::warn!("key deletion sweep: {e}");
+                    }
+                    let seq = k.kms.audit_head().ok().map(|h| h.seq);
+                    if minute.is_multiple_of(5) && seq != prev {
+                        k.kms.log_audit_head("periodic")
+                    } else {
+                        prev
+                    }
+                })
+                .await
+                .unwrap_or(prev);
             }
         });
         Ok(Running {
@@ -223,18 +297,24 @@ impl Running {
         let _ = tokio::task::spawn_blocking(move || {
             d.flush_all();
             d.detach_all_in_memory();
+            d.kms.log_audit_head("shutdown");
         })
         .await;
     }
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM/SIGINT handlers now and returns a future that ends at the first of
+/// them. Installed before READY is announced (or the demo prints its lines): a signal sent
+/// right after that would otherwise meet the default action and kill the process uncleanly.
+fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -247,23 +327,25 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             "refusing to run: the process is dumpable (keys could reach a core dump)".into(),
         );
     }
-    // Listeners, volumes, control connections and a margin besides the NBD connections.
-    let need = cfg.max_connections as u64 + 64;
+    // Listeners, volumes and a margin besides the NBD and control connections.
+    let need = (cfg.max_connections + cfg.control_max_connections) as u64 + 64;
     match super::sys::raise_fd_limit() {
         Some(n) if n < need => tracing::warn!(
             limit = n,
             need,
-            "RLIMIT_NOFILE is below nbd.max_connections + 64: connections past it are refused"
+            "RLIMIT_NOFILE is below nbd.max_connections + control.max_connections + 64: \
+             connections past it wait"
         ),
         _ => {}
     }
+    let signalled = wait_for_signal();
     let running = Running::start(&cfg).await?;
     let attached = running.daemon.exports.all().len();
     tracing::info!(nbd = %cfg.nbd_unix_socket.display(), control = %cfg.control_socket.display(), attached, "cryptvol ready");
     sd_notify(&format!(
         "READY=1\nSTATUS=serving {attached} attached volume(s)"
     ));
-    wait_for_signal().await;
+    signalled.await;
     sd_notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests");
     tracing::info!("stopping");
     running.stop().await;
@@ -272,7 +354,14 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
 
 /// `cryptvol demo`: a temp state dir, a key, a 1 GiB volume, attached and served.
 pub async fn demo() -> Result<(), String> {
-    let dir = std::env::temp_dir().join(format!("cryptvol-demo-{}", std::process::id()));
+    // A fresh private directory (mkdtemp, 0700): a name another local user can predict and
+    // pre-create (with symlinks in it) would let them redirect root's files and sockets.
+    let tmp = tempfile::Builder::new()
+        .prefix("cryptvol-demo-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .map_err(|e| format!("demo directory: {e}"))?;
+    let dir = tmp.path().to_owned();
     let state = dir.join("state");
     init_state_dir(&state).map_err(|e| e.to_string())?;
     let nbd = dir.join("nbd.sock");
@@ -284,18 +373,31 @@ pub async fn demo() -> Result<(), String> {
         control.display().to_string(),
         nbd.display().to_string()
     );
-    std::fs::write(&cfg_path, &text).map_err(|e| e.to_string())?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&cfg_path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    }
     let cfg = Config::load(&cfg_path).map_err(|e| e.to_string())?;
+    let signalled = wait_for_signal();
     let running = Running::start(&cfg).await?;
     let d = running.daemon.clone();
     let c = Caller {
         uid: super::sys::effective_uid(),
+        gid: 0,
         pid: std::process::id() as i32,
     };
     let info = tokio::task::spawn_blocking(move || -> Result<super::VolumeInfo, DaemonError> {
         d.kms
             .create_key(&c, "demo-key", "cryptvol demo master key")?;
-        d.create_volume(&c, "demo", 1 << 30, 4096, Some("demo-key"))?;
+        d.create_volume(&c, "demo", 1 << 30, 4096, Some("demo-key"), false)?;
         d.attach(&c, "demo", false)
     })
     .await
@@ -325,9 +427,9 @@ pub async fn demo() -> Result<(), String> {
     println!();
     println!("Ctrl-C stops the demo and removes {}.", dir.display());
     sd_notify("READY=1");
-    wait_for_signal().await;
+    signalled.await;
     running.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp); // removes the directory
     println!("demo stopped, {} removed", dir.display());
     Ok(())
 }
@@ -376,4 +478,35 @@ mod anyhow_free {
                 .map_err(|e| format!("certificate: {e}"))?,
         )))
     }
+}
+
+/// `[kms] custody = "pkcs11"`: loads the module, finds the token, checks AES-GCM and logs in;
+/// any failure is one line naming the config file, the key and the problem.
+fn open_custody(
+    cfg: &crate::config::Config,
+) -> Result<Option<Arc<dyn crate::kms::Custody>>, String> {
+    use crate::config::{CustodyConfig, PinSource};
+    use crate::kms::custody::{Pkcs11Settings, read_pin};
+    let CustodyConfig::Pkcs11 {
+        module,
+        token_label,
+        pin,
+    } = &cfg.custody
+    else {
+        return Ok(None);
+    };
+    let fail = |e: crate::kms::custody::CustodyOpenError| format!("{}: {e}", cfg.path.display());
+    let (pin, pin_key) = match pin {
+        PinSource::File(f) => (read_pin(Some(f), None).map_err(fail)?, "pin_file"),
+        PinSource::Credential(c) => (read_pin(None, Some(c)).map_err(fail)?, "pin_credential"),
+    };
+    let c = crate::kms::Pkcs11Custody::open(Pkcs11Settings {
+        module: module.clone(),
+        token_label: token_label.clone(),
+        pin,
+        pin_key,
+    })
+    .map_err(fail)?;
+    tracing::info!(token = %token_label, module = %module.display(), "CMK custody: PKCS#11 token");
+    Ok(Some(Arc::new(c)))
 }

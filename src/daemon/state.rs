@@ -38,3 +38,66 @@ impl AttachState {
         self.attached.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 }
+
+const REGISTRY: &str = "volumes.json";
+
+/// What the daemon trusts about a volume it created (or adopted): the backing file of NAME
+/// must hold this volume id, under this key, at this header generation or a later one. A
+/// backing file swapped for another volume's (a copy, a restore) is refused at attach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub volume_id: uuid::Uuid,
+    pub key_id: String,
+    /// The highest header generation this daemon has written or seen.
+    pub generation: u64,
+    /// `Some(pool)`: an RBD volume, image `cryptvol.NAME` in this pool; `None`: a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+/// name -> [`Registered`], persisted as `volumes.json` beside `attached.json`.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Registry {
+    volumes: BTreeMap<String, Registered>,
+}
+
+impl Registry {
+    /// Loads the registry; `None` when the state dir has none yet (made before it existed).
+    pub fn load(dir: &Path) -> std::io::Result<Option<Registry>> {
+        match std::fs::read(dir.join(REGISTRY)) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{REGISTRY}: {e}"))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let b = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::kms::atomic_write(dir, REGISTRY, &b)
+    }
+    pub fn get(&self, name: &str) -> Option<&Registered> {
+        self.volumes.get(name)
+    }
+    /// The name registered with `id`, other than `except`.
+    pub fn owner_of(&self, id: uuid::Uuid, except: &str) -> Option<&str> {
+        self.volumes
+            .iter()
+            .find(|(n, r)| r.volume_id == id && n.as_str() != except)
+            .map(|(n, _)| n.as_str())
+    }
+    pub fn insert(&mut self, name: &str, r: Registered) {
+        self.volumes.insert(name.to_owned(), r);
+    }
+    /// The names of the RBD volumes registered here.
+    pub fn rbd_names(&self) -> Vec<String> {
+        self.volumes
+            .iter()
+            .filter(|(_, r)| r.pool.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+    pub fn remove(&mut self, name: &str) {
+        self.volumes.remove(name);
+    }
+}

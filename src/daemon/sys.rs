@@ -57,3 +57,40 @@ pub fn raise_fd_limit() -> Option<u64> {
     }
     Some(l.rlim_cur)
 }
+
+/// Renames `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`), then syncs the
+/// directory. A new volume is written under a temporary name and appears under its own name
+/// only whole, and never over a volume that appeared meanwhile.
+pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are NUL-terminated strings that outlive the call; AT_FDCWD makes
+    // the paths relative to the working directory as usual.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+        // The file system does not support the flag: a hard link fails on an existing name
+        // just the same.
+        std::fs::hard_link(from, to)?;
+        std::fs::remove_file(from)?;
+    }
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

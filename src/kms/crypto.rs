@@ -1,9 +1,9 @@
 //! The few primitives the key manager uses, all from aws-lc: AES-256-GCM, HKDF-SHA256,
 //! SHA-256, and the system random generator.
 
+use crate::secmem::LockedBox;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::{digest, hkdf, rand};
-use zeroize::Zeroizing;
 
 use super::KmsError;
 
@@ -18,9 +18,9 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     d.as_ref().try_into().expect("32-byte digest")
 }
 
-/// HKDF-SHA256(secret, salt, info) -> 32 bytes.
-pub fn hkdf32(secret: &[u8], salt: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
-    let mut out = Zeroizing::new([0u8; 32]);
+/// HKDF-SHA256(secret, salt, info) -> 32 bytes, in locked memory.
+pub fn hkdf32(secret: &[u8], salt: &[u8], info: &[u8]) -> LockedBox<[u8; 32]> {
+    let mut out = LockedBox::<[u8; 32]>::zeroed();
     let info = [info];
     hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
         .extract(secret)
@@ -39,6 +39,19 @@ pub fn seal(k: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], data: &mut Vec<u8
     key(k)
         .seal_in_place_append_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), data)
         .expect("AES-GCM seal of a bounded buffer");
+}
+
+/// Encrypts `data` in place (it may be locked memory: nothing is copied) and returns the tag.
+pub fn seal_detached(
+    k: &[u8; 32],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    data: &mut [u8],
+) -> [u8; TAG_LEN] {
+    let tag = key(k)
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), data)
+        .expect("AES-GCM seal of a bounded buffer");
+    tag.as_ref().try_into().expect("16-byte tag")
 }
 
 /// Opens `data` (ciphertext + tag) in place; returns the plaintext length.

@@ -1,29 +1,36 @@
 //! Local key manager modelled on a cloud KMS: CMKs with versions, data-key wrapping under an
-//! encryption context, rotation, scheduled deletion (crypto-shredding), a hash-chained audit
-//! log, and envelope encryption of files.
+//! encryption context, rotation, scheduled deletion (crypto-shredding that a restored key
+//! store cannot undo), a keyed (HMAC) audit chain, and envelope encryption of files.
 //!
 //! ```text
-//!  root key (file or systemd credential) ──AES-256-GCM──▶ CMK material (per version, at rest)
+//!  root key (file or systemd credential) ──AES-256-GCM──▶ sealing key (one per generation)
+//!  sealing key ──AES-256-GCM──▶ CMK material (per version, at rest)
+//!  root key ──HKDF──▶ audit chain HMAC key
 //!  CMK version material ──HKDF(salt)──▶ wrap key ──AES-256-GCM(AAD = blob header + context)──▶ DEK
 //! ```
+//! or, with `[kms] custody = "pkcs11"` (`custody.rs`), each CMK version is a non-extractable
+//! AES-256 object in a PKCS#11 token that wraps DEKs itself (CKM_AES_GCM, same AAD).
 //! Knows nothing of NBD or volumes. The API layer maps JSON to these calls one to one.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 mod crypto;
+pub mod custody;
 pub mod envelope;
 mod root;
+mod sealing;
 mod secret;
 mod store;
-pub use store::atomic_write;
+pub use sealing::atomic_write;
 pub mod wrap;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::Serialize;
 
-pub use audit::AuditReport;
+pub use audit::{AuditHead, AuditKey, AuditReport};
+pub use custody::{Custody, CustodyKind, Pkcs11Custody};
 pub use root::{CREDENTIAL_NAME, RootKey};
 pub use secret::Secret;
 pub use wrap::EncryptionContext;
@@ -34,18 +41,25 @@ use store::{KeyRecord, Store};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
+    pub gid: u32,
     pub pid: i32,
 }
 
 impl Caller {
     /// The daemon itself (attach at start-up, sweeps).
-    pub const DAEMON: Caller = Caller { uid: 0, pid: 0 };
+    pub const DAEMON: Caller = Caller {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
 }
 
 #[derive(Debug, Clone)]
 pub struct KmsConfig {
     pub min_pending_days: u32,
     pub max_pending_days: u32,
+    /// The sealing file (`[kms] sealing_key_file`); default `<key store dir>/sealing.key`.
+    pub sealing_key_file: Option<PathBuf>,
 }
 
 impl Default for KmsConfig {
@@ -53,6 +67,7 @@ impl Default for KmsConfig {
         KmsConfig {
             min_pending_days: 7,
             max_pending_days: 1096,
+            sealing_key_file: None,
         }
     }
 }
@@ -99,6 +114,8 @@ pub struct KeyMetadata {
     pub delete_date: Option<String>,
     pub key_version: String,
     pub key_versions: String,
+    /// `"file"` or `"pkcs11"` (SPEC §8).
+    pub custody: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,10 +135,16 @@ pub enum KmsError {
     InvalidCiphertext(String),
     #[error("root key: {0}")]
     RootKey(String),
+    /// The key store and its sealing file do not fit together (a rollback, a missing file).
+    #[error("{0}")]
+    StoreState(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("internal: {0}")]
     Internal(String),
+    /// The PKCS#11 token failed or is unreachable (names the token and the PKCS#11 error).
+    #[error("hsm: {0}")]
+    Hsm(String),
 }
 
 impl KmsError {
@@ -135,6 +158,8 @@ impl KmsError {
             KmsError::Transition(_) => "KMS.0302",
             KmsError::InvalidCiphertext(_) => "KMS.0401",
             KmsError::RootKey(_) => "KMS.0501",
+            KmsError::StoreState(_) => "KMS.0502",
+            KmsError::Hsm(_) => "KMS.0503",
             KmsError::Io(_) | KmsError::Internal(_) => "KMS.0500",
         }
     }
@@ -174,12 +199,29 @@ fn valid_alias(a: &str) -> bool {
 }
 
 impl Kms {
-    /// Opens (or creates) the key store in `dir` (`keys.json`, `audit.jsonl`). A store sealed
-    /// under another root key is refused.
+    /// Opens (or creates) the key store in `dir` (`keys.json`, `audit.jsonl`, and the sealing
+    /// file unless configured elsewhere). A store sealed under another root key, or older than
+    /// its sealing file, is refused.
     pub fn open(dir: &Path, root: RootKey, cfg: KmsConfig) -> Result<Kms, KmsError> {
+        Self::open_with_custody(dir, root, cfg, None)
+    }
+
+    /// Like [`Kms::open`]; with `hsm`, new CMKs are created in that custody (PKCS#11), and
+    /// keys already in it are usable.
+    pub fn open_with_custody(
+        dir: &Path,
+        root: RootKey,
+        cfg: KmsConfig,
+        hsm: Option<std::sync::Arc<dyn Custody>>,
+    ) -> Result<Kms, KmsError> {
         std::fs::create_dir_all(dir)?;
-        let store = Store::open(dir, root)?;
-        let audit = audit::AuditLog::open(&dir.join("audit.jsonl"))?;
+        let audit_key = AuditKey::derive(&root);
+        let sealing = cfg
+            .sealing_key_file
+            .clone()
+            .unwrap_or_else(|| dir.join(sealing::SEALING_FILE));
+        let store = Store::open(dir, root, &sealing, hsm)?;
+        let audit = audit::AuditLog::open(&dir.join("audit.jsonl"), audit_key)?;
         let kms = Kms {
             inner: Mutex::new(Inner { store, audit }),
             cfg,
@@ -203,20 +245,65 @@ impl Kms {
     ) -> Result<T, KmsError> {
         let mut g = self.lock();
         let now = now_ms();
-        g.store.sweep(now)?;
+        let gone = g.store.sweep(now)?;
+        audit_destroyed(&mut g, &gone)?;
         let r = f(&mut g);
         let (key, res) = match &r {
             Ok((_, k)) => (k.clone(), Ok(())),
             Err(e) => (key_hint.map(|k| (k.to_owned(), None)), Err(e)),
         };
-        g.audit.append(
-            operation,
-            key.as_ref().map(|(k, v)| (k.as_str(), *v)),
-            ctx,
-            caller,
-            &res,
-        )?;
+        let subject = audit::Subject {
+            key_id: key.as_ref().map(|(k, _)| k.as_str()),
+            key_version: key.as_ref().and_then(|(_, v)| *v),
+            context: ctx,
+            volume: None,
+        };
+        let code = match res {
+            Ok(()) => "ok",
+            Err(e) => e.error_code(),
+        };
+        g.audit.append(operation, subject, caller, code)?;
         r.map(|(t, _)| t)
+    }
+
+    /// Audits a control call that is not a KMS operation (a volume operation), or a KMS
+    /// request refused before it reached the key manager (a malformed field): `result` is
+    /// "ok" or the error code.
+    pub fn audit_event(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        subject: audit::Subject<'_>,
+        result: &str,
+    ) -> Result<(), KmsError> {
+        self.lock().audit.append(operation, subject, caller, result)
+    }
+
+    /// The running chain's head: last record written and the file written to.
+    pub fn audit_head(&self) -> Result<AuditHead, KmsError> {
+        self.lock().audit.head()
+    }
+
+    /// Logs the audit chain's head (seq + hash) so that a copy lives in the journal, outside
+    /// the state dir; returns the seq logged.
+    pub fn log_audit_head(&self, when: &str) -> Option<u64> {
+        match self.audit_head() {
+            Ok(h) => {
+                tracing::info!(seq = h.seq, hash = %h.hash, when, "audit chain head");
+                Some(h.seq)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit chain head unavailable");
+                None
+            }
+        }
+    }
+
+    /// Where the sealing file is and the key store's sealing generation.
+    pub fn sealing(&self) -> (PathBuf, u64) {
+        let g = self.lock();
+        let (p, n) = g.store.sealing();
+        (p.to_owned(), n)
     }
 
     pub fn create_key(
@@ -375,6 +462,38 @@ impl Kms {
         })
     }
 
+    /// `key import-to-hsm`, first half: every version of a file-custody key gets a
+    /// non-extractable object in the token; new wraps use the token, old blobs still unwrap
+    /// with the former material until [`Kms::drop_file_material`]. Resumes a half-done move.
+    pub fn import_to_hsm(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError> {
+        self.op(
+            c,
+            "importKeyToHsm",
+            None,
+            |g| {
+                let id = g.store.find(key)?.key_id;
+                let meta = g.store.move_to_token(id)?;
+                Ok((meta, Some((id.to_string(), None))))
+            },
+            Some(key),
+        )
+    }
+
+    /// `key import-to-hsm`, second half (once every volume under the key is re-wrapped in the
+    /// token): the sealed material leaves the key store.
+    pub fn drop_file_material(&self, c: &Caller, key: &str) -> Result<bool, KmsError> {
+        self.op(
+            c,
+            "dropFileMaterial",
+            None,
+            |g| {
+                let id = g.store.find(key)?.key_id;
+                Ok((g.store.drop_legacy(id)?, Some((id.to_string(), None))))
+            },
+            Some(key),
+        )
+    }
+
     pub fn rotate_key(&self, c: &Caller, key: &str) -> Result<KeyMetadata, KmsError> {
         self.op(
             c,
@@ -408,12 +527,12 @@ impl Kms {
         length_bits: u32,
         ctx: &EncryptionContext,
     ) -> Result<(Secret, Vec<u8>), KmsError> {
-        let n = Self::check_len(length_bits)?;
         self.op(
             c,
             "createDataKey",
             Some(ctx),
             |g| {
+                let n = Self::check_len(length_bits)?;
                 let mut plain = Secret::zeroed(n);
                 crypto::random(plain.expose_mut())?;
                 let (id, v, blob) = g.store.wrap(key, plain.expose(), ctx)?;
@@ -430,12 +549,12 @@ impl Kms {
         length_bits: u32,
         ctx: &EncryptionContext,
     ) -> Result<Vec<u8>, KmsError> {
-        let n = Self::check_len(length_bits)?;
         self.op(
             c,
             "createDataKeyWithoutPlaintext",
             Some(ctx),
             |g| {
+                let n = Self::check_len(length_bits)?;
                 let mut plain = Secret::zeroed(n);
                 crypto::random(plain.expose_mut())?;
                 let (id, v, blob) = g.store.wrap(key, plain.expose(), ctx)?;
@@ -492,16 +611,16 @@ impl Kms {
         plain: &[u8],
         ctx: &EncryptionContext,
     ) -> Result<Vec<u8>, KmsError> {
-        if plain.is_empty() || plain.len() > 4096 {
-            return Err(KmsError::InvalidParameter(
-                "plain_text must be 1..4096 bytes".into(),
-            ));
-        }
         self.op(
             c,
             "encryptData",
             Some(ctx),
             |g| {
+                if plain.is_empty() || plain.len() > 4096 {
+                    return Err(KmsError::InvalidParameter(
+                        "plain_text must be 1..4096 bytes".into(),
+                    ));
+                }
                 let (id, v, blob) = g.store.wrap_data(key, plain, ctx)?;
                 Ok((blob, Some((id.to_string(), Some(v)))))
             },
@@ -529,16 +648,16 @@ impl Kms {
     }
 
     pub fn gen_random(&self, c: &Caller, n: usize) -> Result<Vec<u8>, KmsError> {
-        if n == 0 || n > 1024 {
-            return Err(KmsError::InvalidParameter(
-                "random_data_length must be 1..1024 bytes".into(),
-            ));
-        }
         self.op(
             c,
             "genRandom",
             None,
             |_| {
+                if n == 0 || n > 1024 {
+                    return Err(KmsError::InvalidParameter(
+                        "random_data_length must be 1..1024 bytes".into(),
+                    ));
+                }
                 let mut v = vec![0u8; n];
                 crypto::random(&mut v)?;
                 Ok((v, None))
@@ -551,15 +670,7 @@ impl Kms {
     pub fn sweep_deletions(&self) -> Result<Vec<String>, KmsError> {
         let mut g = self.lock();
         let gone = g.store.sweep(now_ms())?;
-        for id in &gone {
-            g.audit.append(
-                "destroyKey",
-                Some((id, None)),
-                None,
-                &Caller::DAEMON,
-                &Ok(()),
-            )?;
-        }
+        audit_destroyed(&mut g, &gone)?;
         Ok(gone)
     }
 
@@ -567,20 +678,28 @@ impl Kms {
     pub fn key_state(&self, key: &str) -> Result<(KeyState, String), KmsError> {
         let mut g = self.lock();
         // A window may have ended since the last operation: destroy first, then report.
-        for id in g.store.sweep(now_ms())? {
-            g.audit.append(
-                "destroyKey",
-                Some((&id, None)),
-                None,
-                &Caller::DAEMON,
-                &Ok(()),
-            )?;
-        }
+        let gone = g.store.sweep(now_ms())?;
+        audit_destroyed(&mut g, &gone)?;
         let r = g.store.find(key)?;
-        Ok((r.effective_state(now_ms()), r.alias.clone()))
+        let mut state = r.effective_state(now_ms());
+        if state != KeyState::Destroyed && g.store.material_gone(r) {
+            state = KeyState::Destroyed;
+        }
+        Ok((state, r.alias.clone()))
     }
 
     pub fn audit_verify(&self) -> Result<AuditReport, KmsError> {
         self.lock().audit.verify()
     }
+}
+
+fn audit_destroyed(g: &mut Inner, ids: &[String]) -> Result<(), KmsError> {
+    for id in ids {
+        let s = audit::Subject {
+            key_id: Some(id),
+            ..audit::Subject::default()
+        };
+        g.audit.append("destroyKey", s, &Caller::DAEMON, "ok")?;
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! The root key: 256 bits that seal every CMK at rest. From a file made by `cryptvol init`
+//! The root key: 256 bits that seal the key store's sealing key (and so every CMK at rest)
+//! and key the audit chain. From a file made by `cryptvol init`
 //! (0600, refused when group/world-readable) or a systemd credential.
 
 use std::fs::OpenOptions;
@@ -8,10 +9,13 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
+use crate::secmem::LockedBox;
+
 use super::KmsError;
 use super::crypto;
 
-pub struct RootKey(pub(super) Zeroizing<[u8; 32]>);
+/// In locked memory (`crate::secmem`) for the daemon's lifetime.
+pub struct RootKey(pub(super) LockedBox<[u8; 32]>);
 
 /// The systemd credential name (`LoadCredentialEncrypted=cryptvol-root-key:...`).
 pub const CREDENTIAL_NAME: &str = "cryptvol-root-key";
@@ -55,23 +59,40 @@ impl RootKey {
     }
 
     fn read(path: &Path) -> Result<RootKey, KmsError> {
-        let mut buf = Zeroizing::new(Vec::new());
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut buf))
+        // Read straight into locked memory (read_to_end into a Vec would leave copies in the
+        // heap as it grows). One byte of room tells a longer file.
+        let mut buf = LockedBox::<[u8; 33]>::zeroed();
+        let mut n = 0;
+        let mut f = std::fs::File::open(path)
             .map_err(|e| KmsError::RootKey(format!("cannot read {}: {e}", path.display())))?;
-        if buf.len() != 32 {
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(KmsError::RootKey(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        if n != 32 {
             return Err(KmsError::RootKey(format!(
                 "{} must hold exactly 32 bytes",
                 path.display()
             )));
         }
-        let mut k = Zeroizing::new([0u8; 32]);
-        k.copy_from_slice(&buf);
+        let mut k = LockedBox::<[u8; 32]>::zeroed();
+        k.copy_from_slice(&buf[..32]);
         Ok(RootKey(k))
     }
 
     /// A root key from bytes (tests, tools).
     pub fn from_bytes(b: [u8; 32]) -> RootKey {
-        RootKey(Zeroizing::new(b))
+        let mut k = LockedBox::<[u8; 32]>::zeroed();
+        k.copy_from_slice(&b);
+        RootKey(k)
     }
 }

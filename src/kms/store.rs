@@ -1,26 +1,57 @@
 //! The key store: `keys.json` in the state dir, every change written atomically (temp file,
-//! fsync, rename, fsync dir). CMK material is sealed under the root key with AES-256-GCM,
-//! AAD = key id + version; a verifier record detects a wrong root key at open.
+//! fsync, rename, fsync dir). CMK material is sealed with AES-256-GCM (AAD = key id +
+//! version) under a *sealing key* of the store's current generation; the sealing key itself
+//! lives, sealed under the root key, in the sealing file (`kms/sealing.key` or
+//! `[kms] sealing_key_file`). Every change re-seals the store under a fresh sealing key and
+//! destroys the old one, so a copy of `keys.json` from before a key was destroyed no longer
+//! opens, and a `keys.json` older than the sealing file is refused at start.
+//!
+//! ```text
+//!  commit(g -> g+1):  1. sealing file {g: SK_g, next: g+1: SK_g+1}   (both keys)
+//!                     2. keys.json generation g+1, sealed under SK_g+1
+//!                     3. sealing file {g+1: SK_g+1}                (SK_g destroyed)
+//!  open: keys.json generation == the file's (or its `next`: finish step 3); older: refused
+//! ```
+//! Format 1 stores (material under the root key, no generation) are generation 0 and are
+//! re-sealed into generation 1 when opened.
+//!
+//! Custody (`custody.rs`): a file-custody record's `sealed` entries are material under the
+//! sealing key ([`FileCustody`] over the current one), re-sealed by every commit; a
+//! pkcs11-custody record's entries are token object labels, carried through commits as they
+//! are (never opened), and its `legacy` entries (file material kept during `key
+//! import-to-hsm`) are re-sealed like file material.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::secmem::LockedBox;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 use super::crypto;
+use super::custody::{Custody, CustodyKind, FileCustody, material_aad};
 use super::root::RootKey;
+use super::sealing::{
+    NextKey, Sealer, SealingFile, open_hex, read_json, seal_hex, sealing_aad, write_json,
+};
 use super::secret::Secret;
 use super::wrap::{self, EncryptionContext};
 use super::{KeyMetadata, KeyState, KmsError};
 
 const FILE: &str = "keys.json";
 const VERIFIER_AAD: &[u8] = b"cryptvol root key verifier v1";
+const VERIFIER_AAD_V2: &[u8] = b"cryptvol key store verifier v2";
 
 #[derive(Serialize, Deserialize)]
 struct OnDisk {
     format: u32,
-    /// hex(nonce || seal(zeros32)) under the root key.
+    /// Format 2: the store's id, also in the sealing file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store_id: Option<Uuid>,
+    /// Format 2: the sealing key generation the material is sealed under (format 1: 0).
+    #[serde(default)]
+    generation: u64,
+    /// hex(nonce || seal(zeros32)) under the sealing key (format 1: the root key).
     verifier: String,
     keys: Vec<KeyRecord>,
 }
@@ -33,9 +64,19 @@ pub struct KeyRecord {
     pub creation_date: u64,
     pub state: KeyState,
     pub deletion_date: Option<u64>,
-    /// Sealed material per version (index 0 = version 1); emptied when destroyed.
+    /// Per version (index 0 = version 1): the sealed material (file custody) or the token
+    /// object's label (pkcs11 custody); emptied when destroyed.
     sealed: Vec<String>,
     versions: u32,
+    /// Where the versions live (absent in stores written before custody existed: file).
+    #[serde(default)]
+    pub custody: CustodyKind,
+    /// A key moved from file to pkcs11 custody (`key import-to-hsm`): its former sealed
+    /// material (under the sealing key, like file custody's), kept only until every volume
+    /// under it is re-wrapped in the token, so that algorithm-1 blobs still unwrap meanwhile;
+    /// then emptied (and when destroyed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    legacy: Vec<String>,
 }
 
 impl KeyRecord {
@@ -71,100 +112,265 @@ impl KeyRecord {
             delete_date: self.deletion_date.map(|d| d.to_string()),
             key_version: self.versions.to_string(),
             key_versions: self.versions.to_string(),
+            custody: self.custody.name(),
         }
     }
 }
-
-/// `wrap::wrap` or `wrap::wrap_any`.
-type WrapFn = fn(Uuid, u32, &[u8], &[u8], &EncryptionContext) -> Result<Vec<u8>, KmsError>;
 
 pub struct Store {
     dir: PathBuf,
     root: RootKey,
-    verifier: String,
+    sealing_path: PathBuf,
+    store_id: Uuid,
+    sealer: Sealer,
     keys: Vec<KeyRecord>,
+    /// PKCS#11 custody when configured: new keys go there.
+    hsm: Option<Arc<dyn Custody>>,
 }
 
-fn material_aad(id: Uuid, version: u32) -> Vec<u8> {
-    let mut a = id.as_bytes().to_vec();
-    a.extend_from_slice(&version.to_be_bytes());
+/// The custody of one record for one call: file custody under the current sealing key, or
+/// the token.
+enum CustodyRef<'a> {
+    File(FileCustody<'a>),
+    Token(&'a dyn Custody),
+}
+
+impl<'a> std::ops::Deref for CustodyRef<'a> {
+    type Target = dyn Custody + 'a;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            CustodyRef::File(f) => f,
+            CustodyRef::Token(t) => *t,
+        }
+    }
+}
+
+/// Re-seals file material from one sealing key to another (same AAD: key id || version).
+fn reseal(
+    entries: &mut [String],
+    id: Uuid,
+    from: &[u8; 32],
+    to: &[u8; 32],
+    what: &str,
+) -> Result<(), KmsError> {
+    for (i, h) in entries.iter_mut().enumerate() {
+        let aad = material_aad(id, i as u32 + 1);
+        let m = open_hex(from, &aad, h).ok_or_else(|| {
+            KmsError::Internal(format!("sealed material of {what} does not open"))
+        })?;
+        *h = seal_hex(to, &aad, m.expose())?;
+    }
+    Ok(())
+}
+
+fn verifier_aad(store_id: Uuid, generation: u64) -> Vec<u8> {
+    let mut a = VERIFIER_AAD_V2.to_vec();
+    a.extend_from_slice(store_id.as_bytes());
+    a.extend_from_slice(&generation.to_be_bytes());
     a
 }
 
-fn seal_hex(root: &RootKey, aad: &[u8], plain: &[u8]) -> Result<String, KmsError> {
-    let mut nonce = [0u8; 12];
-    crypto::random(&mut nonce)?;
-    let mut body = plain.to_vec();
-    crypto::seal(&root.0, &nonce, aad, &mut body);
-    let mut out = nonce.to_vec();
-    out.extend_from_slice(&body);
-    Ok(hex::encode(out))
-}
-
-fn open_hex(root: &RootKey, aad: &[u8], h: &str) -> Option<Secret> {
-    let raw = hex::decode(h).ok()?;
-    if raw.len() < 12 + 16 {
-        return None;
-    }
-    let nonce: [u8; 12] = raw[..12].try_into().ok()?;
-    let mut body = Secret::new(raw[12..].to_vec());
-    let n = crypto::open(&root.0, &nonce, aad, body.expose_mut()).ok()?;
-    Some(Secret::new(body.expose()[..n].to_vec()))
-}
-
 impl Store {
-    pub fn open(dir: &Path, root: RootKey) -> Result<Store, KmsError> {
+    /// Opens the store in `dir` with its sealing file at `sealing_path`; creates both when
+    /// neither exists, finishes a change a crash interrupted, re-seals a format 1 store, and
+    /// refuses a `keys.json` that does not belong to the sealing file's generation. With
+    /// `hsm`, new keys are made in that custody (PKCS#11) and keys already in it are usable.
+    pub fn open(
+        dir: &Path,
+        root: RootKey,
+        sealing_path: &Path,
+        hsm: Option<Arc<dyn Custody>>,
+    ) -> Result<Store, KmsError> {
         let path = dir.join(FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let d: OnDisk = serde_json::from_slice(&bytes).map_err(|e| {
-                    KmsError::Internal(format!("{} is corrupt: {e}", path.display()))
-                })?;
-                if open_hex(&root, VERIFIER_AAD, &d.verifier).is_none() {
-                    return Err(KmsError::RootKey(format!(
-                        "the root key does not open the key store {} (wrong root key?)",
-                        path.display()
+        let disk: Option<OnDisk> = read_json(&path)?;
+        let sealing: Option<SealingFile> = read_json(sealing_path)?;
+        let (k, sp) = (path.display(), sealing_path.display());
+        let rollback = |kgen: u64, sgen: u64| {
+            KmsError::StoreState(format!(
+                "{k} is generation {kgen} but {sp} is at generation {sgen}: {k} was restored \
+                 from an older copy, which could bring destroyed keys back; restore the newest \
+                 {k} (see README, \"Key destruction and backups\")"
+            ))
+        };
+        let mut store = Store {
+            dir: dir.to_owned(),
+            root,
+            sealing_path: sealing_path.to_owned(),
+            store_id: Uuid::new_v4(),
+            sealer: Sealer {
+                generation: 0,
+                key: LockedBox::zeroed(),
+                sealed: None,
+            },
+            keys: Vec::new(),
+            hsm,
+        };
+        let Some(d) = disk else {
+            match sealing {
+                // A fresh store, or its creation was interrupted before keys.json existed.
+                None => {}
+                Some(s) if s.generation == 0 => store.store_id = s.store_id,
+                Some(s) => {
+                    return Err(KmsError::StoreState(format!(
+                        "{k} is missing but {sp} says a key store of generation {} was \
+                         written: restore {k}, or move {sp} away to start an empty key store",
+                        s.generation
                     )));
                 }
-                Ok(Store {
-                    dir: dir.to_owned(),
-                    root,
-                    verifier: d.verifier,
-                    keys: d.keys,
-                })
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let verifier = seal_hex(&root, VERIFIER_AAD, &[0u8; 32])?;
-                let s = Store {
-                    dir: dir.to_owned(),
-                    root,
-                    verifier,
-                    keys: Vec::new(),
-                };
-                s.persist(&s.keys)?;
-                Ok(s)
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Writes `keys` atomically: temp, fsync, rename, fsync dir.
-    fn persist(&self, keys: &[KeyRecord]) -> Result<(), KmsError> {
-        let d = OnDisk {
-            format: 1,
-            verifier: self.verifier.clone(),
-            keys: keys.to_vec(),
+            store.commit(Vec::new())?;
+            return Ok(store);
         };
-        let bytes = serde_json::to_vec_pretty(&d).map_err(|e| KmsError::Internal(e.to_string()))?;
-        atomic_write(&self.dir, FILE, &bytes)?;
-        Ok(())
+        if d.format == 1 {
+            // Material sealed under the root key itself: generation 0.
+            if open_hex(&store.root.0, VERIFIER_AAD, &d.verifier).is_none() {
+                return Err(KmsError::RootKey(format!(
+                    "the root key does not open the key store {k} (wrong root key?)"
+                )));
+            }
+            match &sealing {
+                None => {}
+                // The re-sealing into generation 1 was interrupted: do it again.
+                Some(s) if s.generation == 0 => store.store_id = s.store_id,
+                Some(s) => return Err(rollback(0, s.generation)),
+            }
+            store.sealer.key = LockedBox::new(*store.root.0);
+            tracing::info!(file = %k, sealing_file = %sp, "re-sealing a format 1 key store under a sealing key");
+            store.commit(d.keys)?;
+            return Ok(store);
+        }
+        if d.format != 2 {
+            return Err(KmsError::Internal(format!(
+                "{k}: unknown format {}",
+                d.format
+            )));
+        }
+        let s = sealing.ok_or_else(|| {
+            KmsError::StoreState(format!(
+                "{k} is sealed under the sealing key in {sp}, which is missing: restore {sp} \
+                 (it is not in the state dir if [kms] sealing_key_file moved it)"
+            ))
+        })?;
+        if d.store_id != Some(s.store_id) {
+            return Err(KmsError::StoreState(format!(
+                "{sp} belongs to another key store than {k} (store ids differ)"
+            )));
+        }
+        store.store_id = s.store_id;
+        let open_key = |generation: u64, hex: Option<&str>| -> Result<Sealer, KmsError> {
+            let hex = hex.ok_or_else(|| KmsError::Internal(format!("{sp}: no key")))?;
+            let sk = open_hex(&store.root.0, &sealing_aad(s.store_id, generation), hex)
+                .ok_or_else(|| {
+                    KmsError::RootKey(format!(
+                        "the root key does not open the sealing file {sp} (wrong root key?)"
+                    ))
+                })?;
+            let key: [u8; 32] = sk
+                .expose()
+                .try_into()
+                .map_err(|_| KmsError::Internal(format!("{sp}: sealing key is not 32 bytes")))?;
+            Ok(Sealer {
+                generation,
+                key: LockedBox::new(key),
+                sealed: Some(hex.to_owned()),
+            })
+        };
+        let finish = if d.generation == s.generation {
+            store.sealer = open_key(s.generation, s.key.as_deref())?;
+            // A change was interrupted before keys.json was written: forget its next key.
+            s.next.is_some()
+        } else if let Some(n) = s.next.as_ref().filter(|n| n.generation == d.generation) {
+            // Interrupted after keys.json was written: the old key is still to be destroyed.
+            store.sealer = open_key(n.generation, Some(&n.key))?;
+            true
+        } else if d.generation < s.generation {
+            return Err(rollback(d.generation, s.generation));
+        } else {
+            return Err(KmsError::StoreState(format!(
+                "{k} is generation {} but {sp} is at generation {}: {sp} was restored from an \
+                 older copy; restore the newest {sp}",
+                d.generation, s.generation
+            )));
+        };
+        if open_hex(
+            &store.sealer.key,
+            &verifier_aad(store.store_id, d.generation),
+            &d.verifier,
+        )
+        .is_none()
+        {
+            return Err(KmsError::StoreState(format!(
+                "{k} does not open with the generation {} sealing key in {sp} (restored or \
+                 edited?)",
+                d.generation
+            )));
+        }
+        store.keys = d.keys;
+        if finish {
+            store.write_sealing(None)?;
+        }
+        Ok(store)
     }
 
-    /// Applies a change to a copy, persists it, then adopts it: a failed write changes nothing.
+    /// The sealing file with the current key (and `next`, during a change).
+    fn write_sealing(&self, next: Option<NextKey>) -> Result<(), KmsError> {
+        write_json(
+            &self.sealing_path,
+            &SealingFile {
+                format: 1,
+                store_id: self.store_id,
+                generation: self.sealer.generation,
+                key: self.sealer.sealed.clone(),
+                next,
+            },
+        )
+    }
+
+    /// Adopts `keys` as the new state: re-sealed under a fresh sealing key of the next
+    /// generation (module doc: three steps, each crash-safe), the old sealing key destroyed.
+    /// A failure before keys.json is written changes nothing.
     fn commit(&mut self, keys: Vec<KeyRecord>) -> Result<(), KmsError> {
-        self.persist(&keys)?;
-        self.keys = keys;
-        Ok(())
+        let generation = self.sealer.generation + 1;
+        let mut sk = LockedBox::<[u8; 32]>::zeroed();
+        crypto::random(&mut sk[..])?;
+        let sealed_sk = seal_hex(
+            &self.root.0,
+            &sealing_aad(self.store_id, generation),
+            &sk[..],
+        )?;
+        let mut resealed = keys;
+        for r in &mut resealed {
+            let (id, what) = (r.key_id, r.describe());
+            // Token object labels are not material: carried over untouched.
+            if r.custody == CustodyKind::File {
+                reseal(&mut r.sealed, id, &self.sealer.key, &sk, &what)?;
+            }
+            reseal(&mut r.legacy, id, &self.sealer.key, &sk, &what)?;
+        }
+        let d = OnDisk {
+            format: 2,
+            store_id: Some(self.store_id),
+            generation,
+            verifier: seal_hex(&sk, &verifier_aad(self.store_id, generation), &[0u8; 32])?,
+            keys: resealed,
+        };
+        self.write_sealing(Some(NextKey {
+            generation,
+            key: sealed_sk.clone(),
+        }))?;
+        write_json(&self.dir.join(FILE), &d)?;
+        self.sealer = Sealer {
+            generation,
+            key: sk,
+            sealed: Some(sealed_sk),
+        };
+        self.keys = d.keys;
+        self.write_sealing(None)
+    }
+
+    /// Where the sealing file is and the store's generation (start-up log, docs).
+    pub fn sealing(&self) -> (&Path, u64) {
+        (&self.sealing_path, self.sealer.generation)
     }
 
     pub fn keys(&self) -> &[KeyRecord] {
@@ -193,8 +399,8 @@ impl Store {
         now: u64,
     ) -> Result<KeyRecord, KmsError> {
         let id = Uuid::new_v4();
-        let mut material = Zeroizing::new([0u8; 32]);
-        crypto::random(&mut material[..])?;
+        let custody = self.default_custody();
+        let entry = custody.generate_version(id, 1)?;
         let rec = KeyRecord {
             key_id: id,
             alias: alias.to_owned(),
@@ -202,8 +408,10 @@ impl Store {
             creation_date: now,
             state: KeyState::Enabled,
             deletion_date: None,
-            sealed: vec![seal_hex(&self.root, &material_aad(id, 1), &material[..])?],
+            sealed: vec![entry],
             versions: 1,
+            custody: custody.kind(),
+            legacy: Vec::new(),
         };
         let mut keys = self.keys.clone();
         keys.push(rec.clone());
@@ -228,33 +436,69 @@ impl Store {
     }
 
     pub fn add_version(&mut self, id: Uuid) -> Result<KeyMetadata, KmsError> {
-        let mut material = Zeroizing::new([0u8; 32]);
-        crypto::random(&mut material[..])?;
-        let root = &self.root;
+        let entry = {
+            let r = self.find_id(id)?;
+            self.custody(r)?.generate_version(id, r.versions + 1)?
+        };
         let mut keys = self.keys.clone();
         let r = keys
             .iter_mut()
             .find(|r| r.key_id == id)
             .ok_or_else(|| KmsError::NotFound(id.to_string()))?;
-        let v = r.versions + 1;
-        r.sealed
-            .push(seal_hex(root, &material_aad(id, v), &material[..])?);
-        r.versions = v;
+        r.sealed.push(entry);
+        r.versions += 1;
         let meta = r.metadata();
         self.commit(keys)?;
         Ok(meta)
     }
 
-    fn material(&self, r: &KeyRecord, version: u32) -> Result<Secret, KmsError> {
-        let sealed = r
-            .sealed
+    /// File custody under the current sealing key.
+    fn file(&self) -> FileCustody<'_> {
+        FileCustody::new(&self.sealer.key)
+    }
+
+    /// The custody new keys go to.
+    fn default_custody(&self) -> CustodyRef<'_> {
+        match &self.hsm {
+            Some(h) => CustodyRef::Token(h.as_ref()),
+            None => CustodyRef::File(self.file()),
+        }
+    }
+
+    /// The custody of a record; a pkcs11 key while the daemon runs without the token fails.
+    fn custody(&self, r: &KeyRecord) -> Result<CustodyRef<'_>, KmsError> {
+        match (r.custody, &self.hsm) {
+            (CustodyKind::File, _) => Ok(CustodyRef::File(self.file())),
+            (CustodyKind::Pkcs11, Some(h)) => Ok(CustodyRef::Token(h.as_ref())),
+            (CustodyKind::Pkcs11, None) => Err(KmsError::Hsm(format!(
+                "{} is in pkcs11 custody but the daemon runs with [kms] custody = \"file\"",
+                r.describe()
+            ))),
+        }
+    }
+
+    /// The custody says for certain that the newest version's material is gone (a token
+    /// object destroyed while this record, e.g. restored from a backup, still names it).
+    /// Errors (token unreachable) are not "gone".
+    pub fn material_gone(&self, r: &KeyRecord) -> bool {
+        let Some(e) = r.sealed.last() else {
+            return false;
+        };
+        matches!(
+            self.custody(r)
+                .and_then(|c| c.present(r.key_id, r.versions, e)),
+            Ok(false)
+        )
+    }
+
+    /// The record's entry for a version (sealed material or token object label).
+    fn entry<'a>(&self, r: &'a KeyRecord, version: u32) -> Result<&'a str, KmsError> {
+        r.sealed
             .get(version.wrapping_sub(1) as usize)
+            .map(String::as_str)
             .ok_or_else(|| {
                 KmsError::InvalidCiphertext(format!("{} has no version {version}", r.describe()))
-            })?;
-        open_hex(&self.root, &material_aad(r.key_id, version), sealed).ok_or_else(|| {
-            KmsError::Internal(format!("sealed material of {} does not open", r.describe()))
-        })
+            })
     }
 
     /// Wraps a data key (1..1024 bytes) under the newest version of an enabled key.
@@ -264,7 +508,7 @@ impl Store {
         plain: &[u8],
         ctx: &EncryptionContext,
     ) -> Result<(Uuid, u32, Vec<u8>), KmsError> {
-        self.wrap_with(key, plain, ctx, wrap::wrap)
+        self.wrap_with(key, plain, ctx, wrap::MAX_PLAIN)
     }
 
     /// Wraps up to 4096 bytes (encrypt-data); same blob format.
@@ -274,7 +518,7 @@ impl Store {
         plain: &[u8],
         ctx: &EncryptionContext,
     ) -> Result<(Uuid, u32, Vec<u8>), KmsError> {
-        self.wrap_with(key, plain, ctx, wrap::wrap_any)
+        self.wrap_with(key, plain, ctx, wrap::MAX_DATA)
     }
 
     fn wrap_with(
@@ -282,16 +526,14 @@ impl Store {
         key: &str,
         plain: &[u8],
         ctx: &EncryptionContext,
-        f: WrapFn,
+        max: usize,
     ) -> Result<(Uuid, u32, Vec<u8>), KmsError> {
+        wrap::check_plain(plain, max)?;
         let r = self.find(key)?;
         r.usable()?;
-        let m = self.material(r, r.versions)?;
-        Ok((
-            r.key_id,
-            r.versions,
-            f(r.key_id, r.versions, m.expose(), plain, ctx)?,
-        ))
+        let e = self.entry(r, r.versions)?;
+        let blob = self.custody(r)?.wrap(r.key_id, r.versions, e, plain, ctx)?;
+        Ok((r.key_id, r.versions, blob))
     }
 
     /// Unwraps with the version the blob names; the key must be enabled.
@@ -303,12 +545,73 @@ impl Store {
         let h = wrap::parse(blob)?;
         let r = self.find_id(h.key_id)?;
         r.usable()?;
-        let m = self.material(r, h.key_version)?;
-        Ok((
-            r.key_id,
-            h.key_version,
-            wrap::unwrap(blob, m.expose(), ctx)?,
-        ))
+        // A key moved to the token unwraps its old blobs with its former material until the
+        // volumes are re-wrapped.
+        if h.alg == wrap::ALG_AES256GCM_HKDF
+            && r.custody == CustodyKind::Pkcs11
+            && let Some(m) = r.legacy.get(h.key_version.wrapping_sub(1) as usize)
+        {
+            let plain = self.file().unwrap(r.key_id, h.key_version, m, blob, ctx)?;
+            return Ok((r.key_id, h.key_version, plain));
+        }
+        // A blob is only ever tried with the custody that made it.
+        if h.alg != r.custody.alg() {
+            return Err(KmsError::InvalidCiphertext(format!(
+                "cipher text was not made by the {} custody of {}",
+                r.custody.name(),
+                r.describe()
+            )));
+        }
+        let e = self.entry(r, h.key_version)?;
+        let plain = self
+            .custody(r)?
+            .unwrap(r.key_id, h.key_version, e, blob, ctx)?;
+        Ok((r.key_id, h.key_version, plain))
+    }
+
+    /// Moves a file-custody key into the token: a new token object per version, the sealed
+    /// material kept as `legacy` (still re-sealed by every commit) until
+    /// [`Store::drop_legacy`]. Resumes a move already made.
+    pub fn move_to_token(&mut self, id: Uuid) -> Result<KeyMetadata, KmsError> {
+        let hsm = self.hsm.clone().ok_or_else(|| {
+            KmsError::Hsm(
+                "the daemon runs with [kms] custody = \"file\": no token to move to".into(),
+            )
+        })?;
+        let r = self.find_id(id)?;
+        match (r.custody, r.state) {
+            (CustodyKind::Pkcs11, _) => return Ok(r.metadata()),
+            (CustodyKind::File, KeyState::Enabled | KeyState::Disabled) => {}
+            (_, s) => {
+                return Err(KmsError::Transition(format!(
+                    "{} cannot move to the token while {}",
+                    r.describe(),
+                    s.name()
+                )));
+            }
+        }
+        let entries = (1..=r.versions)
+            .map(|v| hsm.generate_version(id, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.update(id, |r| {
+            r.legacy = std::mem::replace(&mut r.sealed, entries);
+            r.custody = CustodyKind::Pkcs11;
+            Ok(())
+        })
+    }
+
+    /// Forgets the sealed material of a key moved to the token: a commit, so the sealing key
+    /// it was sealed under is destroyed with it and no copy of an older `keys.json` opens it.
+    /// Returns whether there was any.
+    pub fn drop_legacy(&mut self, id: Uuid) -> Result<bool, KmsError> {
+        if self.find_id(id)?.legacy.is_empty() {
+            return Ok(false);
+        }
+        self.update(id, |r| {
+            r.legacy.clear();
+            Ok(())
+        })?;
+        Ok(true)
     }
 
     /// Destroys the material of keys past their deletion date.
@@ -324,32 +627,145 @@ impl Store {
         if due.is_empty() {
             return Ok(Vec::new());
         }
+        // Destroy in custody first (C_DestroyObject for token objects), then record it: a
+        // crash in between leaves the key pending and the next sweep destroys again
+        // (idempotent). A key whose custody fails stays pending and is retried.
+        let due: Vec<Uuid> = due
+            .into_iter()
+            .filter(|id| {
+                let Ok(r) = self.find_id(*id) else {
+                    return false;
+                };
+                let res = self.custody(r).and_then(|c| {
+                    (1..=r.versions)
+                        .zip(&r.sealed)
+                        .try_for_each(|(v, e)| c.destroy(r.key_id, v, e))
+                });
+                match res {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(key = %id, error = %e, "key material not destroyed yet; retried at the next sweep");
+                        false
+                    }
+                }
+            })
+            .collect();
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut keys = self.keys.clone();
         for r in keys.iter_mut().filter(|r| due.contains(&r.key_id)) {
             r.state = KeyState::Destroyed;
             r.sealed.clear();
+            r.legacy.clear();
         }
         self.commit(keys)?;
         Ok(due.iter().map(Uuid::to_string).collect())
     }
 }
 
-/// Replaces `dir/name` atomically with `bytes`: temp file, fsync, rename, fsync dir. A crash
-/// at any moment leaves the old or the new file.
-pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::sealing::SEALING_FILE;
+
+    fn root() -> RootKey {
+        RootKey::from_bytes([3; 32])
     }
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
+
+    fn sealing(dir: &Path) -> SealingFile {
+        read_json(&dir.join(SEALING_FILE)).unwrap().unwrap()
+    }
+
+    fn open(dir: &Path) -> Result<Store, KmsError> {
+        Store::open(dir, root(), &dir.join(SEALING_FILE), None)
+    }
+
+    #[test]
+    fn every_change_is_a_new_generation_and_the_old_key_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(d.path()).unwrap();
+        assert_eq!(s.sealing().1, 1);
+        let old_keys = std::fs::read(d.path().join(FILE)).unwrap();
+        s.create("a", "", 0).unwrap();
+        assert_eq!(s.sealing().1, 2);
+        let f = sealing(d.path());
+        assert!(f.generation == 2 && f.next.is_none());
+        drop(s);
+        // The generation 1 keys.json back: refused, naming both files.
+        std::fs::write(d.path().join(FILE), &old_keys).unwrap();
+        let e = open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("keys.json") && e.contains(SEALING_FILE), "{e}");
+        assert!(e.contains("older copy"), "{e}");
+    }
+
+    #[test]
+    fn a_change_interrupted_at_each_step_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(d.path()).unwrap();
+        s.create("a", "", 0).unwrap();
+        let before = sealing(d.path());
+        // Crash after step 1: the sealing file names a next key, keys.json is unchanged.
+        s.write_sealing(Some(NextKey {
+            generation: before.generation + 1,
+            key: seal_hex(
+                &s.root.0,
+                &sealing_aad(s.store_id, before.generation + 1),
+                &[9u8; 32],
+            )
+            .unwrap(),
+        }))
+        .unwrap();
+        drop(s);
+        let mut s = open(d.path()).unwrap();
+        assert!(s.find("a").is_ok());
+        assert!(
+            sealing(d.path()).next.is_none(),
+            "the unused next key is forgotten"
+        );
+        // Crash after step 2: keys.json is new, the sealing file still holds both keys.
+        s.create("b", "", 0).unwrap();
+        let after = sealing(d.path());
+        let both = SealingFile {
+            format: 1,
+            store_id: after.store_id,
+            generation: before.generation,
+            key: before.key.clone(),
+            next: Some(NextKey {
+                generation: after.generation,
+                key: after.key.clone().unwrap(),
+            }),
+        };
+        write_json(&d.path().join(SEALING_FILE), &both).unwrap();
+        drop(s);
+        let s = open(d.path()).unwrap();
+        assert!(s.find("b").is_ok());
+        let f = sealing(d.path());
+        assert!(
+            f.generation == after.generation && f.next.is_none() && f.key == after.key,
+            "step 3 finished at open: the old key destroyed"
+        );
+    }
+
+    #[test]
+    fn missing_or_foreign_sealing_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        open(d.path()).unwrap().create("a", "", 0).unwrap();
+        let sp = d.path().join(SEALING_FILE);
+        let saved = std::fs::read(&sp).unwrap();
+        std::fs::remove_file(&sp).unwrap();
+        let e = open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("missing"), "{e}");
+        // Another store's sealing file.
+        let other = tempfile::tempdir().unwrap();
+        open(other.path()).unwrap();
+        std::fs::copy(other.path().join(SEALING_FILE), &sp).unwrap();
+        let e = open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("another key store"), "{e}");
+        // keys.json gone while the sealing file says one was written.
+        std::fs::write(&sp, saved).unwrap();
+        std::fs::remove_file(d.path().join(FILE)).unwrap();
+        let e = open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
 }

@@ -4,7 +4,8 @@
 //! off len field
 //!   0   4 magic "CVWK"
 //!   4   1 format version (1)
-//!   5   1 algorithm (1 = AES-256-GCM, key = HKDF-SHA256(CMK version material, salt))
+//!   5   1 algorithm (1 = AES-256-GCM, key = HKDF-SHA256(CMK version material, salt);
+//!                    2 = AES-256-GCM inside a PKCS#11 token with the CMK version's object)
 //!   6  16 CMK id (uuid bytes)
 //!  22   4 CMK version (BE)
 //!  26  32 salt
@@ -23,6 +24,9 @@ use super::secret::Secret;
 pub const MAGIC: &[u8; 4] = b"CVWK";
 pub const VERSION: u8 = 1;
 pub const ALG_AES256GCM_HKDF: u8 = 1;
+/// `CKM_AES_GCM` inside a PKCS#11 token, key = the CMK version's token object (custody
+/// `pkcs11`); the salt field is random and authenticated but derives nothing.
+pub const ALG_PKCS11_AES256GCM: u8 = 2;
 pub const HEADER_LEN: usize = 70;
 /// Largest plaintext wrapped: 8192 bits.
 pub const MAX_PLAIN: usize = 1024;
@@ -36,6 +40,37 @@ pub type EncryptionContext = std::collections::BTreeMap<String, String>;
 pub struct WrappedHeader {
     pub key_id: Uuid,
     pub key_version: u32,
+    /// Algorithm byte: tells the custody that made the blob.
+    pub alg: u8,
+}
+
+/// The 70-byte header (also the first part of the AAD).
+pub fn header(
+    alg: u8,
+    key_id: Uuid,
+    key_version: u32,
+    salt: &[u8; 32],
+    nonce: &[u8; 12],
+) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_LEN + MAX_DATA + TAG_LEN);
+    h.extend_from_slice(MAGIC);
+    h.push(VERSION);
+    h.push(alg);
+    h.extend_from_slice(key_id.as_bytes());
+    h.extend_from_slice(&key_version.to_be_bytes());
+    h.extend_from_slice(salt);
+    h.extend_from_slice(nonce);
+    h
+}
+
+/// Checks a plaintext length for wrapping: 1..=`max` bytes.
+pub fn check_plain(plain: &[u8], max: usize) -> Result<(), KmsError> {
+    if plain.is_empty() || plain.len() > max {
+        return Err(KmsError::InvalidParameter(format!(
+            "plain text must be 1..{max} bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// Canonical context bytes: count, then (key, value) each u32-length-prefixed, keys sorted.
@@ -51,7 +86,7 @@ pub fn canonical_context(ctx: &EncryptionContext) -> Vec<u8> {
     v
 }
 
-fn derive(material: &[u8], salt: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
+fn derive(material: &[u8], salt: &[u8]) -> crate::secmem::LockedBox<[u8; 32]> {
     crypto::hkdf32(material, salt, b"cryptvol wrap v1")
 }
 
@@ -88,20 +123,14 @@ pub fn wrap_any(
     let mut nonce = [0u8; 12];
     crypto::random(&mut salt)?;
     crypto::random(&mut nonce)?;
-    let mut blob = Vec::with_capacity(HEADER_LEN + plain.len() + TAG_LEN);
-    blob.extend_from_slice(MAGIC);
-    blob.push(VERSION);
-    blob.push(ALG_AES256GCM_HKDF);
-    blob.extend_from_slice(key_id.as_bytes());
-    blob.extend_from_slice(&key_version.to_be_bytes());
-    blob.extend_from_slice(&salt);
-    blob.extend_from_slice(&nonce);
+    let mut blob = header(ALG_AES256GCM_HKDF, key_id, key_version, &salt, &nonce);
     let mut aad = blob.clone();
     aad.extend_from_slice(&canonical_context(ctx));
-    let mut body = plain.to_vec();
-    crypto::seal(&derive(material, &salt), &nonce, &aad, &mut body);
-    blob.extend_from_slice(&body);
-    zeroize::Zeroize::zeroize(&mut body);
+    // Encrypted in locked memory: the plaintext is never copied to the ordinary heap.
+    let mut body = Secret::from_slice(plain);
+    let tag = crypto::seal_detached(&derive(material, &salt), &nonce, &aad, body.expose_mut());
+    blob.extend_from_slice(body.expose());
+    blob.extend_from_slice(&tag);
     Ok(blob)
 }
 
@@ -111,30 +140,39 @@ pub fn parse(blob: &[u8]) -> Result<WrappedHeader, KmsError> {
     if blob.len() < HEADER_LEN + TAG_LEN + 1 || blob.len() > HEADER_LEN + TAG_LEN + MAX_DATA {
         return Err(bad());
     }
-    if &blob[0..4] != MAGIC || blob[4] != VERSION || blob[5] != ALG_AES256GCM_HKDF {
+    if &blob[0..4] != MAGIC
+        || blob[4] != VERSION
+        || ![ALG_AES256GCM_HKDF, ALG_PKCS11_AES256GCM].contains(&blob[5])
+    {
         return Err(bad());
     }
     Ok(WrappedHeader {
         key_id: Uuid::from_bytes(blob[6..22].try_into().expect("16 bytes")),
         key_version: u32::from_be_bytes(blob[22..26].try_into().expect("4 bytes")),
+        alg: blob[5],
     })
 }
 
 /// Unwraps a blob with the material of the version its header names.
 pub fn unwrap(blob: &[u8], material: &[u8], ctx: &EncryptionContext) -> Result<Secret, KmsError> {
-    parse(blob)?;
+    if parse(blob)?.alg != ALG_AES256GCM_HKDF {
+        return Err(KmsError::InvalidCiphertext(
+            "cipher text is not of this key's custody".into(),
+        ));
+    }
     let salt = &blob[26..58];
     let nonce: [u8; 12] = blob[58..70].try_into().expect("12 bytes");
     let mut aad = blob[..HEADER_LEN].to_vec();
     aad.extend_from_slice(&canonical_context(ctx));
-    let mut body = Secret::new(blob[HEADER_LEN..].to_vec());
+    let mut body = Secret::from_slice(&blob[HEADER_LEN..]);
     let n =
         crypto::open(&derive(material, salt), &nonce, &aad, body.expose_mut()).map_err(|_| {
             KmsError::InvalidCiphertext(
                 "cipher text does not decrypt under this key and encryption context".into(),
             )
         })?;
-    Ok(Secret::new(body.expose()[..n].to_vec()))
+    body.truncate(n);
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -154,7 +192,8 @@ mod tests {
             parse(&blob).unwrap(),
             WrappedHeader {
                 key_id: id,
-                key_version: 2
+                key_version: 2,
+                alg: ALG_AES256GCM_HKDF,
             }
         );
         assert_eq!(

@@ -67,6 +67,8 @@ pub const NBD_INFO_BLOCK_SIZE: u16 = 3;
 pub const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const NBD_STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub const NBD_EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const NBD_EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // Commands (u16).
 pub const NBD_CMD_READ: u16 = 0;
@@ -93,6 +95,7 @@ pub const NBD_REPLY_TYPE_NONE: u16 = 0;
 pub const NBD_REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const NBD_REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const NBD_REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const NBD_REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const NBD_REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 pub const NBD_REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 
@@ -110,7 +113,9 @@ pub const NBD_EOVERFLOW: u32 = 75;
 pub const NBD_ENOTSUP: u32 = 95;
 pub const NBD_ESHUTDOWN: u32 = 108;
 
-/// Largest request payload the server accepts (advertised as NBD_INFO_BLOCK_SIZE maximum).
+/// Largest READ/WRITE payload advertised as the NBD_INFO_BLOCK_SIZE maximum (2^25, what
+/// every client handles). A client that did not ask for block sizes (EXPORT_NAME, or GO
+/// without NBD_INFO_BLOCK_SIZE) is served up to its connection's buffer budget instead.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// The only meta context served.
 pub const BASE_ALLOCATION: &str = "base:allocation";

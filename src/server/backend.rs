@@ -40,6 +40,11 @@ pub trait Backend: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()>;
     /// Allocation extents covering at least the first byte of `[offset, offset+len)`, in order.
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+    /// Whether every write waits for the network (a volume on Ceph RBD): small writes then go
+    /// to the blocking pool too, not the connection's thread or the reactor.
+    fn writes_wait(&self) -> bool {
+        false
+    }
 }
 
 /// An export as listed by `NBD_OPT_LIST`.
@@ -57,8 +62,12 @@ pub struct OpenExport {
     /// Becomes `true` when the export is force-detached: the session stops taking requests,
     /// finishes those in flight and closes.
     pub detached: tokio::sync::watch::Receiver<bool>,
+    /// The export's QoS limits, shared by all its connections (`None`: never throttled).
+    pub qos: Option<Arc<super::Qos>>,
     /// Dropped with the connection.
     pub guard: Box<dyn Send + Sync>,
+    /// The export's metrics: each connection counts into a shard of its own.
+    pub stats: Option<Arc<crate::metrics::VolumeStats>>,
 }
 
 /// The set of exports the server offers: the daemon's attached volumes, or a fixed map in tests.

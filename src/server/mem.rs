@@ -128,7 +128,9 @@ impl ExportRegistry for StaticRegistry {
             backend,
             read_only,
             detached,
+            qos: None,
             guard: Box::new(()),
+            stats: None,
         })
     }
 }

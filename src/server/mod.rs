@@ -8,11 +8,13 @@
 //! Shape (mini-redis): [`serve`] accepts until shutdown, a semaphore caps connections, every
 //! session watches the shutdown signal, and `serve` returns once all sessions have ended.
 
+mod accept;
 pub mod backend;
 mod bufpool;
 mod exec;
 mod identity;
 mod mem;
+pub mod qos;
 mod session;
 mod threaded;
 
@@ -24,9 +26,11 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+pub use accept::{AcceptFailures, accept_in_slot};
 pub use backend::{Backend, ExportInfo, ExportRegistry, Extent, OpenExport};
 pub use identity::{CertNames, PeerIdentity};
 pub use mem::{MemBackend, StaticRegistry};
+pub use qos::{Qos, QosLimits};
 
 /// Limits and TLS for a server.
 #[derive(Clone)]
@@ -35,6 +39,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A client must finish the handshake within this.
     pub handshake_timeout: Duration,
+    /// Cap on connections still in the handshake, per listener (a semaphore each, apart from
+    /// `max_connections`): clients that connect and stall hold at most this many slots, each
+    /// for at most `handshake_timeout`; established sessions are never among them, and a
+    /// flood on the TCP port does not delay Unix-socket clients.
+    pub max_handshakes: usize,
     /// Requests in flight per connection.
     pub max_in_flight: usize,
     /// Payload bytes buffered per connection (at least one maximum-size request).
@@ -56,6 +65,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 64,
             max_in_flight: 64,
             max_buffer_bytes: 64 << 20,
             idle_timeout: None,
@@ -80,14 +90,18 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let cfg = Arc::new(cfg);
-    let slots = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let connections = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let mut accept = JoinSet::new();
     for l in listeners {
+        let slots = Slots {
+            connections: connections.clone(),
+            handshakes: Arc::new(Semaphore::new(cfg.max_handshakes.max(1))),
+        };
         accept.spawn(accept_loop(
             l,
             registry.clone(),
             cfg.clone(),
-            slots.clone(),
+            slots,
             shutdown.clone(),
         ));
     }
@@ -99,18 +113,36 @@ pub async fn serve(
     Ok(())
 }
 
+/// The connection caps of one listener.
+struct Slots {
+    /// Held for a connection's life; shared by all listeners.
+    connections: Arc<Semaphore>,
+    /// Held from accept until the handshake ends (GO/EXPORT_NAME, or the connection closes);
+    /// this listener's own.
+    handshakes: Arc<Semaphore>,
+}
+
 async fn accept_loop(
     listener: Listener,
     registry: Arc<dyn ExportRegistry>,
     cfg: Arc<ServerConfig>,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let mut sessions = JoinSet::new();
+    let mut failures = AcceptFailures::new("nbd");
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+        // While either cap is reached, new clients wait in the listen backlog: a flood of
+        // stalled handshakes delays new clients by at most about `handshake_timeout` per
+        // `max_handshakes` stalled ones ahead of them, and never touches established sessions.
+        let (permit, handshake) = tokio::select! {
+            p = async {
+                let c = slots.connections.clone().acquire_owned().await;
+                let h = slots.handshakes.clone().acquire_owned().await;
+                (c.expect("semaphore never closed"), h.expect("semaphore never closed"))
+            } => p,
             _ = shutdown.wait_for(|v| *v) => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let accepted: io::Result<(session::BoxStream, bool)> = tokio::select! {
             r = accept_one(&listener) => r,
@@ -118,11 +150,17 @@ async fn accept_loop(
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let (stream, tcp) = match accepted {
-            Ok(s) => s,
+            Ok(s) => {
+                failures.succeeded();
+                s
+            }
             Err(e) => {
-                // EMFILE and friends: log, back off briefly, keep serving.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // EMFILE and friends: back off, log at most once a second, keep serving.
+                let wait = failures.failed(&e);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|v| *v) => break,
+                }
                 continue;
             }
         };
@@ -136,6 +174,7 @@ async fn accept_loop(
                 } else {
                     PeerIdentity::Local
                 },
+                handshake: Some(handshake),
             };
             if let Err(e) = session::run(stream, registry, cfg, peer, shutdown).await {
                 tracing::debug!(error = %e, "session ended with an error");

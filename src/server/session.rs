@@ -23,15 +23,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use super::backend::{ExportRegistry, OpenExport};
 use super::bufpool::BufPool;
 use super::exec::{
-    BASE_ALLOCATION_ID, Reply, budget_kib, error_reply, execute_guarded, execute_inline,
-    request_kib, runs_inline,
+    BASE_ALLOCATION_ID, Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline,
+    max_payload, request_kib, runs_inline,
 };
 use super::identity::PeerIdentity;
 use super::{ServerConfig, threaded};
 use crate::nbd::DecodeError;
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, OPTION_HEADER_LEN};
-use crate::nbd::transmission::{self as tx, Command, ExportLimits, REQUEST_HEADER_LEN};
+use crate::nbd::transmission::{self as tx, Command, ExportLimits, Framing, ReplyTo};
 
 /// Any byte stream a session runs over (Unix, TCP, or TLS on either).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Any {
@@ -54,8 +54,10 @@ enum Outcome {
     Go {
         export: OpenExport,
         name: String,
-        structured: bool,
+        framing: Framing,
         meta_allocation: bool,
+        /// The client asked for `NBD_INFO_BLOCK_SIZE` in GO (and so keeps to its maximum).
+        asked_block_size: bool,
     },
     /// The client asked for TLS: upgrade the stream and negotiate again from scratch.
     StartTls,
@@ -70,6 +72,8 @@ pub struct Peer {
     /// Who the registry is asked on behalf of; set from the client certificate after
     /// STARTTLS on TCP (a Unix-socket client stays `Local`).
     pub identity: PeerIdentity,
+    /// The connection's slot among those in the handshake phase, given back at GO.
+    pub handshake: Option<OwnedSemaphorePermit>,
 }
 
 pub async fn run(
@@ -79,6 +83,8 @@ pub async fn run(
     mut peer: Peer,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    // Counted as failed unless transmission begins.
+    let mut counted = crate::metrics::HandshakeTally::start();
     // One deadline for the whole handshake, greeting and client flags included.
     let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
     // Server shutdown ends a session still in the handshake at once (it would otherwise
@@ -132,44 +138,56 @@ pub async fn run(
                 }
                 stream = Box::new(tls);
                 peer.tls_active = true;
+                counted.tls = true;
             }
             Outcome::Go {
                 export,
                 name,
-                structured,
+                framing,
                 meta_allocation,
+                asked_block_size,
             } => {
-                tracing::debug!(export = %name, structured, "transmission");
+                let terms = Terms {
+                    framing,
+                    meta_allocation,
+                    max_payload: max_payload(asked_block_size, cfg.max_buffer_bytes),
+                };
+                tracing::debug!(volume = %name, client = %peer.identity, ?framing, max_payload = terms.max_payload, "transmission");
+                // Established: no longer counted among the handshakes.
+                drop(peer.handshake.take());
+                counted.done();
                 let stream = if cfg.threaded_transmission {
                     match threaded::into_plain(stream) {
                         Ok(sock) => {
-                            return threaded::transmission(
-                                sock?,
-                                export,
-                                structured,
-                                meta_allocation,
-                                cfg,
-                                shutdown,
-                            )
-                            .await;
+                            return threaded::transmission(sock?, export, terms, cfg, shutdown)
+                                .await;
                         }
                         Err(tls) => tls,
                     }
                 } else {
                     stream
                 };
-                return transmission(stream, export, structured, meta_allocation, cfg, shutdown)
-                    .await;
+                return transmission(stream, export, terms, cfg, shutdown).await;
             }
         }
     }
+}
+
+/// What transmission runs under, as the handshake settled it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Terms {
+    pub(super) framing: Framing,
+    /// `base:allocation` selected for this export.
+    pub(super) meta_allocation: bool,
+    /// Largest READ/WRITE served ([`max_payload`]).
+    pub(super) max_payload: u32,
 }
 
 pub(super) fn invalid(e: DecodeError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-fn transmission_flags(export: &OpenExport, structured: bool) -> u16 {
+fn transmission_flags(export: &OpenExport, framing: Framing) -> u16 {
     let mut f = NBD_FLAG_HAS_FLAGS
         | NBD_FLAG_SEND_FLUSH
         | NBD_FLAG_SEND_FUA
@@ -178,7 +196,7 @@ fn transmission_flags(export: &OpenExport, structured: bool) -> u16 {
         | NBD_FLAG_SEND_FAST_ZERO
         | NBD_FLAG_SEND_CACHE
         | NBD_FLAG_CAN_MULTI_CONN;
-    if structured {
+    if framing.structured() {
         f |= NBD_FLAG_SEND_DF;
     }
     if export.read_only {
@@ -213,7 +231,7 @@ async fn negotiate(
     peer: &Peer,
     no_zeroes: bool,
 ) -> io::Result<Outcome> {
-    let mut structured = false;
+    let mut framing = Framing::Simple;
     let mut meta_allocation = false;
     // The export the last SET_META_CONTEXT named: contexts hold only for that export.
     let mut meta_export: Option<String> = None;
@@ -247,7 +265,7 @@ async fn negotiate(
                 // Structured replies and meta contexts negotiated before EXPORT_NAME stay in
                 // force: once STRUCTURED_REPLY is acked, READ MUST get structured replies.
                 let meta_allocation = meta_allocation && meta_export.as_deref() == Some(&name);
-                let flags = transmission_flags(&export, structured);
+                let flags = transmission_flags(&export, framing);
                 handshake::encode_export_name_reply(
                     &mut out,
                     export.backend.size(),
@@ -258,8 +276,9 @@ async fn negotiate(
                 return Ok(Outcome::Go {
                     export,
                     name,
-                    structured,
+                    framing,
                     meta_allocation,
+                    asked_block_size: false,
                 });
             }
             NBD_OPT_GO | NBD_OPT_INFO => {
@@ -319,7 +338,7 @@ async fn negotiate(
                     &mut out,
                     opt,
                     b.size(),
-                    transmission_flags(&export, structured),
+                    transmission_flags(&export, framing),
                 );
                 handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                 s.write_all(&out).await?;
@@ -328,8 +347,9 @@ async fn negotiate(
                     return Ok(Outcome::Go {
                         export,
                         name,
-                        structured,
+                        framing,
                         meta_allocation,
+                        asked_block_size: req.requests.contains(&NBD_INFO_BLOCK_SIZE),
                     });
                 }
             }
@@ -371,18 +391,34 @@ async fn negotiate(
                     return Ok(Outcome::StartTls);
                 }
             }
-            NBD_OPT_STRUCTURED_REPLY => {
-                if data.is_empty() {
-                    structured = true;
-                    handshake::encode_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
-                } else {
-                    handshake::encode_option_reply(
-                        &mut out,
-                        opt,
+            NBD_OPT_STRUCTURED_REPLY | NBD_OPT_EXTENDED_HEADERS => {
+                // As qemu-nbd and nbdkit answer: extended headers imply structured replies
+                // and need nothing before them (libnbd and qemu ask for them first, and fall
+                // back to structured replies only when refused); asking again for what is in
+                // force is refused, and so are structured replies under extended headers.
+                let (reply, msg): (u32, &[u8]) = match (opt, framing) {
+                    _ if !data.is_empty() => (NBD_REP_ERR_INVALID, b"takes no data"),
+                    (NBD_OPT_STRUCTURED_REPLY, Framing::Simple) => {
+                        framing = Framing::Structured;
+                        (NBD_REP_ACK, b"")
+                    }
+                    (NBD_OPT_STRUCTURED_REPLY, Framing::Structured) => (
                         NBD_REP_ERR_INVALID,
-                        b"takes no data",
-                    );
-                }
+                        b"structured replies already negotiated",
+                    ),
+                    (NBD_OPT_STRUCTURED_REPLY, _) => (
+                        NBD_REP_ERR_EXT_HEADER_REQD,
+                        b"extended headers already negotiated",
+                    ),
+                    (_, Framing::Extended) => {
+                        (NBD_REP_ERR_INVALID, b"extended headers already negotiated")
+                    }
+                    _ => {
+                        framing = Framing::Extended;
+                        (NBD_REP_ACK, b"")
+                    }
+                };
+                handshake::encode_option_reply(&mut out, opt, reply, msg);
                 s.write_all(&out).await?;
             }
             NBD_OPT_SET_META_CONTEXT | NBD_OPT_LIST_META_CONTEXT => {
@@ -395,13 +431,14 @@ async fn negotiate(
                 // The export is resolved once (and only when the request can be answered):
                 // its canonical name is what GO must match.
                 let parsed = handshake::parse_meta_context_request(&data).map(|req| {
-                    let export = structured
+                    let export = framing
+                        .structured()
                         .then(|| open_export(registry, &req.export, &peer.identity))
                         .flatten();
                     (req, export.map(|(_, name)| name))
                 });
                 match parsed {
-                    _ if !structured => handshake::encode_option_reply(
+                    _ if !framing.structured() => handshake::encode_option_reply(
                         &mut out,
                         opt,
                         NBD_REP_ERR_INVALID,
@@ -460,8 +497,7 @@ async fn negotiate(
 async fn transmission(
     stream: BoxStream,
     export: OpenExport,
-    structured: bool,
-    meta_allocation: bool,
+    terms: Terms,
     cfg: Arc<ServerConfig>,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
@@ -491,12 +527,17 @@ async fn transmission(
     // Inline replies written but not flushed yet.
     let mut unflushed = false;
     let backend = export.backend.clone();
+    // This connection's metrics shard, found once.
+    let counted = crate::metrics::VolumeStats::connect_opt(export.stats.as_ref());
+    let stats = counted.stats().clone();
     let lim = ExportLimits {
         size: backend.size(),
         read_only: export.read_only,
-        structured,
-        meta_allocation,
+        framing: terms.framing,
+        meta_allocation: terms.meta_allocation,
+        max_payload: terms.max_payload,
     };
+    let header_len = terms.framing.request_header_len();
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
     // Bytes of payload buffered per connection (requests being read, replies not yet sent).
     let budget_kib = budget_kib(cfg.max_buffer_bytes);
@@ -529,11 +570,12 @@ async fn transmission(
     }
     let result = loop {
         // About to wait for the client: what we owe it goes out first.
-        let owed = flush_owed(&out, &mut unflushed, rd.buffer().len(), REQUEST_HEADER_LEN);
+        let owed = flush_owed(&out, &mut unflushed, rd.buffer().len(), header_len);
         if let Err(e) = until_stop!(owed) {
             break Err(e);
         }
-        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        let mut hdr_buf = [0u8; tx::EXTENDED_REQUEST_HEADER_LEN];
+        let hdr = &mut hdr_buf[..header_len];
         let idle = async {
             match cfg.idle_timeout {
                 Some(t) => tokio::time::sleep(t).await,
@@ -542,7 +584,7 @@ async fn transmission(
         };
         let read = until_stop!(async {
             tokio::select! {
-                r = rd.read_exact(&mut hdr) => r.map(Some),
+                r = rd.read_exact(hdr) => r.map(Some),
                 _ = idle => Ok(None),
             }
         });
@@ -555,26 +597,37 @@ async fn transmission(
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e),
         }
-        let h = match tx::parse_request_header(&hdr) {
+        let arrived = std::time::Instant::now();
+        let h = match tx::parse_request(hdr, terms.framing) {
             Ok(h) => h,
             // Bad magic: the stream is out of sync; nothing sensible can follow.
             Err(e) => break Err(invalid(e)),
         };
+        let to = ReplyTo {
+            framing: terms.framing,
+            cookie: h.cookie,
+            offset: h.offset,
+        };
         let cmd = match tx::validate(&h, &lim) {
             Ok(c) => c,
             Err(rej) => {
+                if rej.skip_payload > tx::MAX_SKIP {
+                    // A payload this large is not worth reading to stay in sync.
+                    break Err(invalid(DecodeError::Invalid("refused payload too large")));
+                }
                 if rej.skip_payload > 0 {
                     // Skip the payload we refuse, to stay in sync, without buffering it.
                     let mut sink = tokio::io::sink();
-                    let mut rest = (&mut rd).take(u64::from(rej.skip_payload));
+                    let mut rest = (&mut rd).take(rej.skip_payload);
                     match until_stop!(tokio::io::copy(&mut rest, &mut sink)) {
-                        Ok(n) if n == u64::from(rej.skip_payload) => {}
+                        Ok(n) if n == rej.skip_payload => {}
                         Ok(_) => break Ok(()),
                         Err(e) => break Err(e),
                     }
                 }
+                stats.refused(rej.errno);
                 let msg = "request rejected";
-                let reply = error_reply(h.cookie, rej.errno, structured, msg);
+                let reply = error_reply(to, rej.errno, msg);
                 if until_stop!(reply_tx.send((reply, None))).is_err() {
                     break Ok(());
                 }
@@ -584,6 +637,16 @@ async fn transmission(
         if cmd == Command::Disconnect {
             break Ok(());
         }
+        // Over the volume's QoS limit: wait here (an async sleep; the reactor runs on).
+        if let Some(q) = &export.qos
+            && let Some(ticket) = q.admit(&cmd)
+        {
+            if let Err(e) = until_stop!(flush_owed(&out, &mut unflushed, 0, 1)) {
+                break Err(e);
+            }
+            until_stop!(q.wait(ticket));
+        }
+        let tally = Tally::begin(&stats, &cmd, arrived);
         let budget = match request_kib(&cmd, budget_kib) {
             0 => None,
             kib => Some(
@@ -604,13 +667,13 @@ async fn transmission(
         } else {
             Vec::new()
         };
-        let cookie = h.cookie;
-        let (cmd, payload) = if runs_inline(&cmd) {
+        let (cmd, payload) = if runs_inline(&*backend, &cmd) {
             // Small requests are cheaper to serve here than to hand to another thread and back:
             // 4 KiB of XTS is about a microsecond, a thread handoff several. Not a READ that
             // would wait for the disk: that would stall the reactor.
-            match execute_inline(&*backend, &pool, cmd, cookie, payload, structured) {
+            match execute_inline(&*backend, &pool, cmd, to, payload) {
                 Ok(reply) => {
+                    let errno = reply.errno;
                     // A client that stops reading blocks this write, and so stops us reading
                     // more requests: that is the backpressure.
                     let wrote = until_stop!(async {
@@ -621,6 +684,7 @@ async fn transmission(
                     }
                     drop(budget);
                     unflushed = true;
+                    tally.end(&stats, errno);
                     continue;
                 }
                 Err(cmd) => (cmd, Vec::new()),
@@ -632,14 +696,16 @@ async fn transmission(
             until_stop!(in_flight.clone().acquire_owned()).expect("semaphore never closed");
         let backend = backend.clone();
         let pool = pool.clone();
-        let reply_tx = reply_tx.clone();
+        let (reply_tx, stats) = (reply_tx.clone(), stats.clone());
         // The blocking pool is shared by every connection, so a blocking thread only runs
         // the backend call: when this connection's reply queue is full (a client that does
         // not read its replies), the wait for room moves to a cheap async task. Before, each
         // such wait parked a blocking thread, and ten non-reading clients took all of them.
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let reply = execute_guarded(&*backend, &pool, cmd, cookie, payload, structured);
+            let reply = execute_guarded(&*backend, &pool, cmd, to, payload);
+            // Counted when handed to the writer task (TLS path).
+            tally.end(&stats, reply.errno);
             match reply_tx.try_send((reply, budget)) {
                 Err(mpsc::error::TrySendError::Full(item)) => {
                     rt.spawn(async move {
@@ -709,9 +775,17 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     r: Reply,
     pool: &BufPool,
 ) -> io::Result<()> {
-    w.write_all(&r.head).await?;
+    if r.split.is_empty() {
+        w.write_all(&r.head).await?;
+        if let Some(d) = &r.data {
+            w.write_all(d).await?;
+        }
+    } else {
+        for p in r.pieces() {
+            w.write_all(p).await?;
+        }
+    }
     if let Some(d) = r.data {
-        w.write_all(&d).await?;
         pool.give(d);
     }
     Ok(())

@@ -36,10 +36,12 @@ use super::ServerConfig;
 use super::backend::OpenExport;
 use super::bufpool::BufPool;
 use super::exec::{
-    Reply, budget_kib, error_reply, execute_guarded, execute_inline, request_kib, runs_inline,
+    Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline, request_kib,
+    runs_inline,
 };
-use super::session::{BoxStream, DRAIN_AFTER_STOP, invalid, wait_true};
-use crate::nbd::transmission::{self as tx, Command, ExportLimits, REQUEST_HEADER_LEN};
+use super::session::{BoxStream, DRAIN_AFTER_STOP, Terms, invalid, wait_true};
+use crate::nbd::DecodeError;
+use crate::nbd::transmission::{self as tx, Command, ExportLimits, ReplyTo};
 
 /// A plain connected socket in blocking mode.
 pub(super) enum Sock {
@@ -203,14 +205,24 @@ impl Conn {
     /// Sends the queue, then `r`, in one vectored write. A failed write abandons the connection.
     fn send(&self, r: Option<Reply>) -> io::Result<()> {
         let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        let (head, data) = match &r {
-            Some(r) => (&r.head[..], r.data.as_deref().unwrap_or_default()),
-            None => (&[][..], &[][..]),
+        let sent = match &r {
+            Some(r) if !r.split.is_empty() => {
+                // A READ in data and hole chunks.
+                let mut v = vec![IoSlice::new(&q)];
+                v.extend(r.pieces().into_iter().map(IoSlice::new));
+                write_all_vectored(&self.sock, &mut v)
+            }
+            _ => {
+                let (head, data) = match &r {
+                    Some(r) => (&r.head[..], r.data.as_deref().unwrap_or_default()),
+                    None => (&[][..], &[][..]),
+                };
+                write_all_vectored(
+                    &self.sock,
+                    &mut [IoSlice::new(&q), IoSlice::new(head), IoSlice::new(data)],
+                )
+            }
         };
-        let sent = write_all_vectored(
-            &self.sock,
-            &mut [IoSlice::new(&q), IoSlice::new(head), IoSlice::new(data)],
-        );
         q.clear();
         drop(q);
         if let Some(Reply { data: Some(d), .. }) = r {
@@ -225,16 +237,23 @@ impl Conn {
     /// Queues a small reply for the next send; sends at once when the queue would outgrow
     /// [`QUEUE_MAX`].
     fn queue(&self, r: Reply) -> io::Result<()> {
-        let data_len = r.data.as_ref().map_or(0, Vec::len);
         let mut q = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
-        if q.len() + r.head.len() + data_len > QUEUE_MAX {
+        if q.len() + r.len() > QUEUE_MAX {
             drop(q);
             return self.send(Some(r));
         }
-        q.extend_from_slice(&r.head);
+        if r.split.is_empty() {
+            q.extend_from_slice(&r.head);
+            if let Some(d) = &r.data {
+                q.extend_from_slice(d);
+            }
+        } else {
+            for p in r.pieces() {
+                q.extend_from_slice(p);
+            }
+        }
+        drop(q);
         if let Some(d) = r.data {
-            q.extend_from_slice(&d);
-            drop(q);
             self.pool.give(d);
         }
         Ok(())
@@ -311,8 +330,7 @@ impl IntoStd for tokio::net::TcpStream {
 pub(super) async fn transmission(
     sock: Sock,
     export: OpenExport,
-    structured: bool,
-    meta_allocation: bool,
+    terms: Terms,
     cfg: Arc<ServerConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
@@ -331,7 +349,7 @@ pub(super) async fn transmission(
     std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            let r = serve_requests(&c, rd, export, structured, meta_allocation, &cfg, &rt);
+            let r = serve_requests(&c, rd, export, terms, &cfg, &rt);
             let _ = done_tx.send(r);
         })?;
     let mut stopped = conn.stopped.subscribe();
@@ -376,8 +394,7 @@ fn serve_requests(
     conn: &Arc<Conn>,
     rd: Sock,
     export: OpenExport,
-    structured: bool,
-    meta_allocation: bool,
+    terms: Terms,
     cfg: &ServerConfig,
     rt: &Handle,
 ) -> io::Result<()> {
@@ -392,17 +409,23 @@ fn serve_requests(
         },
     );
     let backend = export.backend.clone();
+    // This connection's metrics shard, found once.
+    let counted = crate::metrics::VolumeStats::connect_opt(export.stats.as_ref());
+    let stats = counted.stats().clone();
     let lim = ExportLimits {
         size: backend.size(),
         read_only: export.read_only,
-        structured,
-        meta_allocation,
+        framing: terms.framing,
+        meta_allocation: terms.meta_allocation,
+        max_payload: terms.max_payload,
     };
+    let header_len = terms.framing.request_header_len();
     // Payload bytes buffered per connection (requests being read, replies not yet sent).
     let budget_kib = budget_kib(cfg.max_buffer_bytes);
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let write_workers = Arc::new(Semaphore::new(write_parallelism()));
     let mut stop = conn.stopped.subscribe();
+    let (qos, mut qos_stop) = (export.qos.clone(), conn.stopped.subscribe());
     // A permit, or `None` once the connection stops; the queue goes out before any real wait.
     let mut acquire = |sem: &Arc<Semaphore>, n: u32| -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = sem.clone().try_acquire_many_owned(n) {
@@ -422,13 +445,14 @@ fn serve_requests(
             break Ok(());
         }
         // About to wait for the client: what we owe it goes out first.
-        if rd.buffer().len() < REQUEST_HEADER_LEN
+        if rd.buffer().len() < header_len
             && let Err(e) = conn.flush()
         {
             break Err(e);
         }
-        let mut hdr = [0u8; REQUEST_HEADER_LEN];
-        match rd.read_exact(&mut hdr) {
+        let mut hdr_buf = [0u8; tx::EXTENDED_REQUEST_HEADER_LEN];
+        let hdr = &mut hdr_buf[..header_len];
+        match rd.read_exact(hdr) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e)
@@ -443,28 +467,39 @@ fn serve_requests(
             }
             Err(e) => break Err(e),
         }
+        let arrived = std::time::Instant::now();
         // A request already buffered when the stop came is not served either.
         if conn.stopping() {
             break Ok(());
         }
-        let h = match tx::parse_request_header(&hdr) {
+        let h = match tx::parse_request(hdr, terms.framing) {
             Ok(h) => h,
             // Bad magic: the stream is out of sync; nothing sensible can follow.
             Err(e) => break Err(invalid(e)),
         };
+        let to = ReplyTo {
+            framing: terms.framing,
+            cookie: h.cookie,
+            offset: h.offset,
+        };
         let cmd = match tx::validate(&h, &lim) {
             Ok(c) => c,
             Err(rej) => {
+                if rej.skip_payload > tx::MAX_SKIP {
+                    // A payload this large is not worth reading to stay in sync.
+                    break Err(invalid(DecodeError::Invalid("refused payload too large")));
+                }
                 if rej.skip_payload > 0 {
                     // Skip the payload we refuse, to stay in sync, without buffering it.
-                    let skip = u64::from(rej.skip_payload);
+                    let skip = rej.skip_payload;
                     match io::copy(&mut (&mut rd).take(skip), &mut io::sink()) {
                         Ok(n) if n == skip => {}
                         Ok(_) => break Ok(()),
                         Err(e) => break Err(e),
                     }
                 }
-                let reply = error_reply(h.cookie, rej.errno, structured, "request rejected");
+                stats.refused(rej.errno);
+                let reply = error_reply(to, rej.errno, "request rejected");
                 if let Err(e) = conn.queue(reply) {
                     break Err(e);
                 }
@@ -474,6 +509,18 @@ fn serve_requests(
         if cmd == Command::Disconnect {
             break Ok(());
         }
+        // Over the volume's QoS limit: wait here, replies owed sent first (server/qos.rs).
+        if let Some(q) = &qos
+            && let Some(ticket) = q.admit(&cmd)
+        {
+            if let Err(e) = conn.flush() {
+                break Err(e);
+            }
+            if !rt.block_on(q.wait_unless(ticket, &mut qos_stop)) {
+                break Ok(());
+            }
+        }
+        let tally = Tally::begin(&stats, &cmd, arrived);
         let budget = match request_kib(&cmd, budget_kib) {
             0 => None,
             kib => match acquire(&buffered, kib) {
@@ -496,16 +543,17 @@ fn serve_requests(
         } else {
             Vec::new()
         };
-        let cookie = h.cookie;
-        let (cmd, payload) = if runs_inline(&cmd) {
-            match execute_inline(&*backend, &conn.pool, cmd, cookie, payload, structured) {
+        let (cmd, payload) = if runs_inline(&*backend, &cmd) {
+            match execute_inline(&*backend, &conn.pool, cmd, to, payload) {
                 Ok(reply) => {
                     drop(budget);
+                    let errno = reply.errno;
                     // A client that stops reading blocks this send (once the queue is full),
                     // and so stops us reading more requests: that is the backpressure.
                     if let Err(e) = conn.queue(reply) {
                         break Err(e);
                     }
+                    tally.end(&stats, errno);
                     continue;
                 }
                 // A READ that would wait for the device: to the pool like a large one.
@@ -524,11 +572,14 @@ fn serve_requests(
             },
             _ => None,
         };
-        let (conn, backend) = (conn.clone(), backend.clone());
+        let (conn, backend, stats) = (conn.clone(), backend.clone(), stats.clone());
         rt.spawn_blocking(move || {
-            let reply = execute_guarded(&*backend, &conn.pool, cmd, cookie, payload, structured);
+            let reply = execute_guarded(&*backend, &conn.pool, cmd, to, payload);
+            let errno = reply.errno;
             // A failed send abandons the connection, which stops the connection thread.
-            let _ = conn.send(Some(reply));
+            if conn.send(Some(reply)).is_ok() {
+                tally.end(&stats, errno);
+            }
             drop((budget, permit, cpu));
         });
     };

@@ -4,6 +4,11 @@
 //! a small pool of keyed encrypt/decrypt contexts; a call takes one, re-sets only the IV per
 //! unit (no key schedule), and gives it back. The pool lock is held for a pointer swap, not
 //! for the crypto.
+//!
+//! Key memory: a context's key schedules live in aws-lc's heap (`cipher_data`, allocated by
+//! `EVP_CipherInit_ex`). Each context locks the pages of that block (`secmem::RegionLock`,
+//! counted per page) *before* the key is expanded into it, and releases the lock only after
+//! `EVP_CIPHER_CTX_free` has wiped and freed it.
 #![allow(unsafe_code)]
 
 use std::ptr;
@@ -13,9 +18,17 @@ use aws_lc_sys as ffi;
 
 use super::VolumeError;
 use super::cipher::{UnitSize, XtsBackend, XtsKey, plain64_iv};
+use crate::secmem::RegionLock;
 
-/// One keyed EVP context, owned. Freed (and its key schedule wiped by aws-lc) on drop.
-struct Ctx(*mut ffi::EVP_CIPHER_CTX);
+/// Bytes of aws-lc's `EVP_AES_XTS_CTX` (crypto/fipsmodule/modes/internal.h): two `AES_KEY`
+/// (60 round-key words + rounds = 244 bytes, in a union with a double: 248 each), an
+/// `XTS128_CONTEXT` (four pointers: 32) and a flag byte, padded to 8. The test
+/// `key_schedules_lie_in_the_locked_range` checks that both schedules are inside it.
+const XTS_CTX_LEN: usize = 2 * 248 + 32 + 8;
+
+/// One keyed EVP context, owned. Freed (and its key schedule wiped by aws-lc) on drop, then
+/// its pages' lock released (fields drop after `Drop::drop`).
+struct Ctx(*mut ffi::EVP_CIPHER_CTX, Option<RegionLock>);
 
 // SAFETY: an EVP_CIPHER_CTX has no thread affinity; it is used by one thread at a time because
 // `Ctx` is only reachable through `&mut` (taken out of the pool under its mutex).
@@ -36,17 +49,40 @@ impl Ctx {
         if raw.is_null() {
             return Err(VolumeError::Crypto("EVP_CIPHER_CTX_new failed"));
         }
-        let ctx = Ctx(raw);
-        // SAFETY: ctx.0 is a fresh context; EVP_aes_256_xts() returns a static cipher; the key
-        // pointer is valid for the 64 bytes an AES-256-XTS key has; no IV yet (null is allowed).
+        let mut ctx = Ctx(raw, None);
+        // Step 1, no key: aws-lc allocates the cipher's state block (`cipher_data`) only.
+        // SAFETY: ctx.0 is a fresh context; EVP_aes_256_xts() returns a static cipher; key and
+        // IV null are allowed (the XTS init does nothing without them).
         let ok = unsafe {
             ffi::EVP_CipherInit_ex(
                 ctx.0,
                 ffi::EVP_aes_256_xts(),
                 ptr::null_mut(),
-                key.bytes().as_ptr(),
+                ptr::null(),
                 ptr::null(),
                 i32::from(encrypt),
+            )
+        };
+        if ok != 1 {
+            return Err(VolumeError::Crypto("EVP_CipherInit_ex failed"));
+        }
+        // SAFETY: ctx.0 is a valid context (read of a plain field of the public struct).
+        let data = unsafe { (*ctx.0).cipher_data };
+        if data.is_null() {
+            return Err(VolumeError::Crypto("aws-lc XTS context has no state"));
+        }
+        ctx.1 = Some(RegionLock::new(data.cast(), XTS_CTX_LEN));
+        // Step 2: expand the key into the now locked block (cipher null keeps it).
+        // SAFETY: the context has its cipher; the key pointer is valid for the 64 bytes an
+        // AES-256-XTS key has; no IV yet.
+        let ok = unsafe {
+            ffi::EVP_CipherInit_ex(
+                ctx.0,
+                ptr::null(),
+                ptr::null_mut(),
+                key.bytes().as_ptr(),
+                ptr::null(),
+                -1,
             )
         };
         if ok != 1 {
@@ -132,20 +168,39 @@ impl XtsBackend for AwsLcXts {
     }
 }
 
-/// Locks the pages holding `bytes` in RAM, best effort: the first failure (RLIMIT_MEMLOCK too
-/// low) logs one warning; keys still work, they may just reach swap.
-pub(crate) fn lock_memory(bytes: &[u8]) {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    // SAFETY: mlock only reads the address range of a live slice; it does not access memory.
-    let r = unsafe { libc::mlock(bytes.as_ptr().cast(), bytes.len()) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        WARNED.call_once(|| tracing::warn!(error = %e, "cannot lock key memory (raise LimitMEMLOCK); keys may be swapped"));
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Unlocks what [`lock_memory`] locked (harmless if it was not locked).
-pub(crate) fn unlock_memory(bytes: &[u8]) {
-    // SAFETY: as above; munlock of an unlocked range is a no-op.
-    unsafe { libc::munlock(bytes.as_ptr().cast(), bytes.len()) };
+    /// Where the first round key of `k` (16 bytes) sits in `mem`: aws-lc's AES-NI expansion
+    /// stores it as the key bytes, the portable one as big-endian words.
+    fn find_round_key0(mem: &[u8], k: &[u8]) -> Option<usize> {
+        let swapped: Vec<u8> = k[..16]
+            .chunks(4)
+            .flat_map(|w| w.iter().rev().copied())
+            .collect();
+        mem.windows(16)
+            .position(|w| w == &k[..16] || w == &swapped[..])
+    }
+
+    #[test]
+    fn key_schedules_lie_in_the_locked_range() {
+        let bytes: Vec<u8> = (0..64u8)
+            .map(|i| i.wrapping_mul(37).wrapping_add(11))
+            .collect();
+        let key = XtsKey::new(&bytes).unwrap();
+        let ctx = Ctx::new(&key, true).unwrap();
+        // SAFETY: ctx.0 is a live keyed context; cipher_data points to XTS_CTX_LEN bytes of
+        // aws-lc's EVP_AES_XTS_CTX (the claim this test checks), read only while ctx lives.
+        let mem =
+            unsafe { std::slice::from_raw_parts((*ctx.0).cipher_data as *const u8, XTS_CTX_LEN) };
+        let k1 = find_round_key0(mem, &bytes[..32]).expect("data key schedule in range");
+        let k2 = find_round_key0(mem, &bytes[32..]).expect("tweak key schedule in range");
+        // Each schedule is 244 bytes from its first round key.
+        assert!(
+            k1 + 244 <= XTS_CTX_LEN && k2 + 244 <= XTS_CTX_LEN,
+            "{k1} {k2}"
+        );
+        assert!(ctx.1.is_some());
+    }
 }

@@ -11,16 +11,18 @@
 //!
 //! The cipher never touches a file: it transforms buffers in place.
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
+
+use crate::secmem::LockedBox;
 
 use super::VolumeError;
 
 /// Bytes in an AES-256-XTS key: two AES-256 keys (data key, tweak key).
 pub const XTS_KEY_LEN: usize = 64;
 
-/// A 512-bit XTS key. Zeroized on drop; no `Debug`, no `Clone`. Boxed so its bytes never move,
-/// and locked in RAM (mlock) where RLIMIT_MEMLOCK allows, so they are never swapped out.
-pub struct XtsKey(Box<Zeroizing<[u8; XTS_KEY_LEN]>>);
+/// A 512-bit XTS key in locked memory (`crate::secmem`: mlocked where RLIMIT_MEMLOCK allows,
+/// excluded from core dumps, zeroized on drop); no `Debug`, no `Clone`.
+pub struct XtsKey(LockedBox<[u8; XTS_KEY_LEN]>);
 
 impl XtsKey {
     /// Takes a DEK as unwrapped by the key manager. Rejects a wrong length and a key whose two
@@ -35,21 +37,13 @@ impl XtsKey {
         if diff == 0 {
             return Err(VolumeError::BadKey("data key halves are equal"));
         }
-        let mut key = Box::new(Zeroizing::new([0u8; XTS_KEY_LEN]));
-        super::awslc::lock_memory(&key[..]);
+        let mut key = LockedBox::<[u8; XTS_KEY_LEN]>::zeroed();
         key.copy_from_slice(bytes);
         Ok(XtsKey(key))
     }
 
     pub(crate) fn bytes(&self) -> &[u8; XTS_KEY_LEN] {
         &self.0
-    }
-}
-
-impl Drop for XtsKey {
-    fn drop(&mut self) {
-        // Zeroizing wipes the bytes when the box drops, after this unlock.
-        super::awslc::unlock_memory(&self.0[..]);
     }
 }
 

@@ -17,6 +17,7 @@ use super::VolumeError;
 use super::cipher::{Backend, SectorCipher, UnitSize, XtsKey, wipe};
 use super::header::{COPY_OFFSETS, HEADER_COPY_LEN, VolumeHeader};
 use super::store::{BlockStore, FileStore};
+use crate::zeroes::is_zero;
 
 const STRIPES: usize = 256;
 /// Largest single transfer: larger requests are processed in pieces of this size.
@@ -28,6 +29,9 @@ pub struct Volume {
     header: VolumeHeader,
     unit: u64,
     read_only: bool,
+    /// The header's encrypt-zeroes flag: zero plaintext is stored encrypted, and a stored
+    /// all-zero unit reads as zeros only where the store has a hole.
+    encrypt_zeroes: bool,
     stripes: Vec<RwLock<()>>,
 }
 
@@ -54,7 +58,13 @@ impl Volume {
         store: &dyn BlockStore,
         header: &VolumeHeader,
     ) -> Result<(), VolumeError> {
-        store.set_len(header.data_offset + header.size)?;
+        let end = header
+            .data_offset
+            .checked_add(header.size)
+            .ok_or(VolumeError::BadHeader("size too large"))?;
+        header.encode()?;
+        check_unit_fits_store(header, store)?;
+        store.set_len(end)?;
         write_copies(store, header)?;
         Ok(())
     }
@@ -63,6 +73,11 @@ impl Volume {
     pub fn read_header(path: &Path) -> Result<VolumeHeader, VolumeError> {
         let store = FileStore::new(OpenOptions::new().read(true).open(path)?);
         read_header_from(&store)
+    }
+
+    /// Reads and checks the header of a volume in `store` (the newer valid copy).
+    pub fn read_header_in(store: &dyn BlockStore) -> Result<VolumeHeader, VolumeError> {
+        read_header_from(store)
     }
 
     /// Rewrites the header crash-safely (generation + 1; copy A, sync, copy B, sync).
@@ -74,7 +89,12 @@ impl Volume {
     /// Grows a detached volume; data is kept.
     pub fn grow(path: &Path, new_size: u64) -> Result<VolumeHeader, VolumeError> {
         let store = FileStore::new(OpenOptions::new().read(true).write(true).open(path)?);
-        let mut h = read_header_from(&store)?;
+        Self::grow_in(&store, new_size)
+    }
+
+    /// Grows the detached volume in `store`: the store first, then the header.
+    pub fn grow_in(store: &dyn BlockStore, new_size: u64) -> Result<VolumeHeader, VolumeError> {
+        let mut h = read_header_from(store)?;
         if new_size < h.size {
             return Err(VolumeError::Invalid("volumes only grow"));
         }
@@ -84,9 +104,19 @@ impl Volume {
             ));
         }
         h.size = new_size;
-        store.set_len(h.data_offset + new_size)?;
-        store.sync()?;
-        rewrite_header(&store, &h)
+        // Validate (and encode) the new header before the file is touched: a size the header
+        // cannot hold is refused with nothing changed.
+        h.encode()?;
+        let end = h
+            .data_offset
+            .checked_add(new_size)
+            .ok_or(VolumeError::BadHeader("size too large"))?;
+        // Only ever extend: a shorter file would cut data off.
+        if store.len()? < end {
+            store.set_len(end)?;
+            store.sync()?;
+        }
+        rewrite_header(store, &h)
     }
 
     /// Opens a volume file for I/O with its unwrapped DEK.
@@ -109,7 +139,9 @@ impl Volume {
         let header = read_header_from(store.as_ref())?;
         let unit = UnitSize::from_bytes(header.sector_size)
             .ok_or(VolumeError::BadHeader("sector size"))?;
+        check_unit_fits_store(&header, store.as_ref())?;
         let cipher = SectorCipher::new(&key, unit, backend)?;
+        // decode() validated data_offset + size (no overflow, <= i64::MAX).
         if store.len()? < header.data_offset + header.size {
             return Err(VolumeError::BadHeader(
                 "backing file shorter than the volume",
@@ -119,10 +151,16 @@ impl Volume {
             store,
             cipher,
             unit: u64::from(header.sector_size),
+            encrypt_zeroes: header.encrypt_zeroes(),
             header,
             read_only,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
         })
+    }
+
+    /// Whether the store's writes wait for the network ([`BlockStore::writes_wait`]).
+    pub fn writes_wait(&self) -> bool {
+        self.store.writes_wait()
     }
 
     pub fn header(&self) -> &VolumeHeader {
@@ -187,18 +225,21 @@ impl Volume {
                 if !read(out, pos)? {
                     return Ok(false);
                 }
-                self.decrypt_units(unit_idx, out);
+                self.decrypt_units(unit_idx, out)?;
                 done += n;
             } else {
                 let n = (u as usize - within).min(buf.len() - done);
                 let got = with_scratch(u as usize, |s| -> Result<bool, VolumeError> {
                     let got = read(s, unit_idx * u)?;
-                    if got {
-                        self.decrypt_units(unit_idx, s);
-                        buf[done..done + n].copy_from_slice(&s[within..within + n]);
-                    }
+                    let r = if got {
+                        self.decrypt_units(unit_idx, s).map(|()| {
+                            buf[done..done + n].copy_from_slice(&s[within..within + n]);
+                        })
+                    } else {
+                        Ok(())
+                    };
                     wipe(s);
-                    Ok(got)
+                    r.map(|()| got)
                 })?;
                 if !got {
                     return Ok(false);
@@ -274,7 +315,10 @@ impl Volume {
     }
 
     /// Zeroes a range. Whole units are punched (`may_punch`) or stored as zero bytes, which
-    /// read as zeros by the thin rule; partial units are read-modify-written.
+    /// read as zeros by the thin rule; partial units are read-modify-written. With
+    /// encrypt-zeroes, whole units are punched where the store can make a real hole there and
+    /// stored as encrypted zeros everywhere else (never as zero bytes: those would not read
+    /// as zeros).
     pub fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool) -> Result<(), VolumeError> {
         self.check(offset, len, true)?;
         if len == 0 {
@@ -286,7 +330,28 @@ impl Volume {
         let first_whole = offset.div_ceil(u) * u;
         let last_whole = end / u * u;
         if first_whole < last_whole {
-            if may_punch {
+            if self.encrypt_zeroes {
+                let mut at = first_whole;
+                if may_punch {
+                    self.store
+                        .punch_hole(self.pos(first_whole), last_whole - first_whole)?;
+                    // A punch inside a file-system block zeroes bytes but leaves the block
+                    // allocated: those units get encrypted zeros.
+                    for (len, hole) in self
+                        .store
+                        .allocation(self.pos(first_whole), last_whole - first_whole)?
+                    {
+                        if !hole {
+                            let from = at / u * u;
+                            let to = (at + len).div_ceil(u) * u;
+                            self.store_encrypted_zeros(from, to.min(last_whole))?;
+                        }
+                        at += len;
+                    }
+                } else {
+                    self.store_encrypted_zeros(first_whole, last_whole)?;
+                }
+            } else if may_punch {
                 self.store
                     .punch_hole(self.pos(first_whole), last_whole - first_whole)?;
             } else {
@@ -327,21 +392,94 @@ impl Volume {
         Ok(self.store.allocation(self.pos(offset), len)?)
     }
 
-    /// Reads and decrypts one unit into `s` (exactly one unit long).
-    fn read_unit(&self, unit_idx: u64, s: &mut [u8]) -> Result<(), VolumeError> {
-        self.store.read_at(s, self.pos(unit_idx * self.unit))?;
-        self.decrypt_units(unit_idx, s);
+    /// Stores the encryption of zero plaintext in the whole units of `[from, to)`.
+    fn store_encrypted_zeros(&self, from: u64, to: u64) -> Result<(), VolumeError> {
+        let mut p = from;
+        while p < to {
+            let n = (to - p).min(CHUNK as u64) as usize;
+            with_scratch(n, |s| -> Result<(), VolumeError> {
+                s.fill(0);
+                self.cipher.encrypt(p / self.unit, s);
+                Ok(self.store.write_at(s, self.pos(p))?)
+            })?;
+            p += n as u64;
+        }
         Ok(())
     }
 
-    /// Decrypts whole units in place; a unit stored as all zeros is a hole and reads as zeros.
-    fn decrypt_units(&self, first: u64, data: &mut [u8]) {
-        self.for_nonzero_runs(first, data, |c, unit, run| c.decrypt(unit, run));
+    /// Reads and decrypts one unit into `s` (exactly one unit long).
+    fn read_unit(&self, unit_idx: u64, s: &mut [u8]) -> Result<(), VolumeError> {
+        self.store.read_at(s, self.pos(unit_idx * self.unit))?;
+        self.decrypt_units(unit_idx, s)
     }
 
-    /// Encrypts whole units in place; an all-zero plaintext unit is stored as zeros (thin).
+    /// Decrypts whole units in place. Thin (default): a unit stored as all zeros is a hole
+    /// and reads as zeros. Encrypt-zeroes: it reads as zeros only where the store has a hole
+    /// (never written, TRIM, WRITE_ZEROES); zero bytes written into allocated space are
+    /// decrypted like any other ciphertext (and so read as noise, not as chosen zeros).
+    fn decrypt_units(&self, first: u64, data: &mut [u8]) -> Result<(), VolumeError> {
+        if !self.encrypt_zeroes {
+            self.for_nonzero_runs(first, data, |c, unit, run| c.decrypt(unit, run));
+            return Ok(());
+        }
+        let u = self.unit as usize;
+        let units = data.len() / u;
+        if !data.chunks_exact(u).any(is_zero) {
+            // The common case: no all-zero unit (decided on each unit's first block).
+            self.cipher.decrypt(first, data);
+            return Ok(());
+        }
+        // hole[k]: unit k stays zeros. Only all-zero units are candidates; for those the
+        // store says whether the bytes are a hole.
+        let mut hole = vec![false; units];
+        let mut k = 0;
+        while k < units {
+            if !is_zero(&data[k * u..(k + 1) * u]) {
+                k += 1;
+                continue;
+            }
+            let start = k;
+            while k < units && is_zero(&data[k * u..(k + 1) * u]) {
+                k += 1;
+            }
+            hole[start..k].fill(true);
+            let at = self.pos((first + start as u64) * self.unit);
+            let mut off = 0usize;
+            for (len, is_hole) in self.store.allocation(at, ((k - start) * u) as u64)? {
+                let end = off + len as usize;
+                if !is_hole {
+                    // Every unit this data extent touches is ciphertext.
+                    let (a, b) = (start + off / u, (start + end.div_ceil(u)).min(k));
+                    hole[a..b].fill(false);
+                }
+                off = end;
+            }
+        }
+        let mut k = 0;
+        while k < units {
+            let start = k;
+            while k < units && !hole[k] {
+                k += 1;
+            }
+            if k > start {
+                self.cipher
+                    .decrypt(first + start as u64, &mut data[start * u..k * u]);
+            }
+            while k < units && hole[k] {
+                k += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encrypts whole units in place; thin (default): an all-zero plaintext unit is stored as
+    /// zeros; encrypt-zeroes: every unit is encrypted.
     fn encrypt_units(&self, first: u64, data: &mut [u8]) {
-        self.for_nonzero_runs(first, data, |c, unit, run| c.encrypt(unit, run));
+        if self.encrypt_zeroes {
+            self.cipher.encrypt(first, data);
+        } else {
+            self.for_nonzero_runs(first, data, |c, unit, run| c.encrypt(unit, run));
+        }
     }
 
     /// Calls `f` on each run of consecutive units that are not all zero (one backend call per
@@ -413,22 +551,6 @@ enum StripeGuard<'a> {
     Exclusive(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    let (chunks, rest) = b.as_chunks::<16>();
-    // Ciphertext is almost never zero at its start: decide most units on the first block,
-    // then OR the rest together (vectorised, no branch per block).
-    match chunks.split_first() {
-        Some((first, _)) if u128::from_ne_bytes(*first) != 0 => false,
-        _ => {
-            chunks
-                .iter()
-                .fold(0u128, |a, c| a | u128::from_ne_bytes(*c))
-                == 0
-                && rest.iter().all(|&x| x == 0)
-        }
-    }
-}
-
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut v) => {
@@ -440,6 +562,18 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         // Re-entered (write -> write_mut): use a fresh buffer.
         Err(_) => f(&mut vec![0u8; len]),
     })
+}
+
+/// An encrypt-zeroes volume reads allocated zero bytes as ciphertext, so a write must never
+/// allocate space beyond its own unit: units at least as large as the store's blocks.
+fn check_unit_fits_store(h: &VolumeHeader, store: &dyn BlockStore) -> Result<(), VolumeError> {
+    if h.encrypt_zeroes() && u64::from(h.sector_size) < store.allocation_unit() {
+        return Err(VolumeError::Invalid(
+            "encrypt_zeroes needs data units at least as large as the backing store's \
+             allocation block (4096-byte sectors on a file system with 4 KiB blocks)",
+        ));
+    }
+    Ok(())
 }
 
 fn read_header_from(store: &dyn BlockStore) -> Result<VolumeHeader, VolumeError> {

@@ -24,6 +24,11 @@ pub const MAX_WRAPPED_DEK: usize = 2048;
 const KEY_ID_LEN: usize = 64;
 const CIPHER_LEN: usize = 32;
 const CHECKSUM_AT: usize = HEADER_COPY_LEN - 32;
+/// Feature flags (u32) sit just before the checksum; zero in volumes made before they existed.
+const FLAGS_AT: usize = CHECKSUM_AT - 4;
+/// Flag: all-zero plaintext units are stored encrypted, not as zeros (see `Volume`).
+pub const FLAG_ENCRYPT_ZEROES: u32 = 1;
+const KNOWN_FLAGS: u32 = FLAG_ENCRYPT_ZEROES;
 
 /// What a header says. No secrets: the DEK is wrapped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +43,8 @@ pub struct VolumeHeader {
     pub key_version: u32,
     pub wrapped_dek: Vec<u8>,
     pub data_offset: u64,
+    /// Feature flags ([`FLAG_ENCRYPT_ZEROES`]); an unknown bit is refused.
+    pub flags: u32,
 }
 
 impl VolumeHeader {
@@ -60,9 +67,16 @@ impl VolumeHeader {
             key_version,
             wrapped_dek,
             data_offset: DATA_OFFSET,
+            flags: 0,
         };
         h.validate()?;
         Ok(h)
+    }
+
+    /// Whether all-zero plaintext is stored encrypted (no thin zeros; holes only from TRIM
+    /// and WRITE_ZEROES).
+    pub fn encrypt_zeroes(&self) -> bool {
+        self.flags & FLAG_ENCRYPT_ZEROES != 0
     }
 
     pub fn cipher(&self) -> &'static str {
@@ -95,6 +109,9 @@ impl VolumeHeader {
         if self.wrapped_dek.is_empty() || self.wrapped_dek.len() > MAX_WRAPPED_DEK {
             return bad("wrapped key length out of range");
         }
+        if self.flags & !KNOWN_FLAGS != 0 {
+            return bad("unknown feature flags (made by a newer cryptvol?)");
+        }
         Ok(())
     }
 
@@ -116,6 +133,7 @@ impl VolumeHeader {
         b[160..164].copy_from_slice(&self.key_version.to_le_bytes());
         b[164..166].copy_from_slice(&(self.wrapped_dek.len() as u16).to_le_bytes());
         b[166..166 + self.wrapped_dek.len()].copy_from_slice(&self.wrapped_dek);
+        b[FLAGS_AT..CHECKSUM_AT].copy_from_slice(&self.flags.to_le_bytes());
         let sum = digest::digest(&digest::SHA256, &b[..CHECKSUM_AT]);
         b[CHECKSUM_AT..].copy_from_slice(sum.as_ref());
         Ok(b)
@@ -168,6 +186,7 @@ impl VolumeHeader {
             key_version: u32_at(160),
             wrapped_dek: b[166..166 + dek_len].to_vec(),
             data_offset: u64_at(88),
+            flags: u32_at(FLAGS_AT),
         };
         h.validate()?;
         Ok(h)
@@ -220,7 +239,28 @@ mod tests {
         assert_eq!(&b[48..52], &4096u32.to_le_bytes()); // sector size
         assert_eq!(&b[56..71], b"aes-xts-plain64"); // cipher
         assert_eq!(&b[88..96], &(1u64 << 20).to_le_bytes()); // data offset
+        assert_eq!(&b[4060..4064], &[0; 4]); // flags: none
         assert_eq!(VolumeHeader::decode(&b).unwrap(), h);
+    }
+
+    #[test]
+    fn encrypt_zeroes_flag_round_trips_and_unknown_flags_are_refused() {
+        let mut h = sample();
+        assert!(!h.encrypt_zeroes());
+        h.flags = FLAG_ENCRYPT_ZEROES;
+        let b = h.encode().unwrap();
+        assert_eq!(&b[4060..4064], &1u32.to_le_bytes());
+        let d = VolumeHeader::decode(&b).unwrap();
+        assert!(d.encrypt_zeroes());
+        assert_eq!(d, h);
+        // A header with a flag this version does not know (checksum fixed) is refused.
+        let mut c = b;
+        c[4061] = 0x80;
+        let sum = digest::digest(&digest::SHA256, &c[..CHECKSUM_AT]);
+        c[CHECKSUM_AT..].copy_from_slice(sum.as_ref());
+        assert!(VolumeHeader::decode(&c).is_err());
+        h.flags = 2;
+        assert!(h.encode().is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! ```text
 //!  file: | header A (4 KiB) | header B (4 KiB) | ... | data area @ 1 MiB: unit 0 | unit 1 | ...
 //!  unit i stored = AES-256-XTS(DEK, tweak = i as LE u64) of its plaintext; all-zero = hole
+//!  (thin default; a volume with the encrypt_zeroes flag: only over a file hole)
 //! ```
 //! Knows nothing of NBD or of the key manager: it takes an unwrapped [`XtsKey`].
 
@@ -12,6 +13,8 @@ mod awslc;
 pub mod cipher;
 mod disk;
 pub mod header;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 mod soft;
 pub mod store;
 
@@ -20,6 +23,8 @@ use std::io;
 pub use cipher::{Backend as CipherBackend, SectorCipher, UnitSize, XtsKey};
 pub use disk::{Volume, rewrite_header};
 pub use header::{CIPHER_NAME, DATA_OFFSET, KEY_BITS, VolumeHeader};
+#[cfg(feature = "rbd")]
+pub use rbd::RbdStore;
 pub use store::{BlockStore, FileStore, MemStore};
 
 #[derive(Debug, thiserror::Error)]

@@ -8,10 +8,17 @@ use aes::Aes256;
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 
 use super::cipher::{UnitSize, XtsBackend, XtsKey, plain64_iv};
+use crate::secmem::LockedBox;
 
 const MAX_BLOCKS: usize = 4096 / 16;
 
+/// The two key schedules (data, tweak) live in locked memory. `Aes256::new` returns them by
+/// value, so the expansion's own stack frame may hold a copy until it is overwritten.
 pub struct SoftXts {
+    keys: LockedBox<Keys>,
+}
+
+struct Keys {
     data: Aes256,
     tweak: Aes256,
 }
@@ -20,8 +27,10 @@ impl SoftXts {
     pub fn new(key: &XtsKey) -> SoftXts {
         let (k1, k2) = key.bytes().split_at(32);
         SoftXts {
-            data: Aes256::new(&Array::try_from(k1).expect("32-byte half")),
-            tweak: Aes256::new(&Array::try_from(k2).expect("32-byte half")),
+            keys: LockedBox::new(Keys {
+                data: Aes256::new(&Array::try_from(k1).expect("32-byte half")),
+                tweak: Aes256::new(&Array::try_from(k2).expect("32-byte half")),
+            }),
         }
     }
 
@@ -30,7 +39,7 @@ impl SoftXts {
         let mut tweaks = [[0u8; 16]; MAX_BLOCKS];
         for (k, chunk) in data.chunks_exact_mut(unit.bytes()).enumerate() {
             let mut t0 = Array::from(plain64_iv(first_unit.wrapping_add(k as u64)));
-            self.tweak.encrypt_block(&mut t0);
+            self.keys.tweak.encrypt_block(&mut t0);
             let mut t = u128::from_le_bytes(t0.0);
             for slot in tweaks.iter_mut().take(nblocks) {
                 *slot = t.to_le_bytes();
@@ -41,9 +50,9 @@ impl SoftXts {
             debug_assert!(rest.is_empty());
             xor_tweaks(blocks, &tweaks[..nblocks]);
             if encrypt {
-                self.data.encrypt_blocks(blocks);
+                self.keys.data.encrypt_blocks(blocks);
             } else {
-                self.data.decrypt_blocks(blocks);
+                self.keys.data.decrypt_blocks(blocks);
             }
             xor_tweaks(blocks, &tweaks[..nblocks]);
         }

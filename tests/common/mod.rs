@@ -313,3 +313,25 @@ impl Env {
             .unwrap()
     }
 }
+
+/// The test PKI (openssl CLI) for the TLS tests.
+pub mod pki;
+
+/// SoftHSM2 tokens for the PKCS#11 custody tests.
+pub mod hsm;
+
+/// One HTTP/1.1 request on a control socket (`Connection: close`); the whole raw answer,
+/// status line and headers included. For tests that send what the CLI would not.
+pub fn control_request(sock: &Path, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

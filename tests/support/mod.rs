@@ -533,3 +533,26 @@ pub fn rss_kib() -> Option<u64> {
     let l = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     l.split_whitespace().nth(1)?.parse().ok()
 }
+
+impl Conn {
+    /// Handshake into transmission with GO asking for `NBD_INFO_BLOCK_SIZE` (a client that
+    /// then keeps to the advertised maximum); returns (minimum, preferred, maximum).
+    pub fn go_block_size(&mut self, export: &str, structured: bool) -> (u32, u32, u32) {
+        self.send_flags();
+        if structured {
+            let r = self.opt(OPT_STRUCTURED_REPLY, &[]);
+            assert_eq!(r[0].reply, REP_ACK);
+        }
+        let r = self.opt(OPT_GO, &info_payload(export, &[INFO_BLOCK_SIZE]));
+        assert_eq!(r.last().unwrap().reply, REP_ACK, "GO acked: {r:?}");
+        let b = r
+            .iter()
+            .find(|r| r.reply == REP_INFO && be16(&r.data) == INFO_BLOCK_SIZE)
+            .expect("INFO_BLOCK_SIZE");
+        (
+            be32(&b.data[2..6]),
+            be32(&b.data[6..10]),
+            be32(&b.data[10..14]),
+        )
+    }
+}

@@ -1,0 +1,397 @@
+//! RBD volumes for the daemon (`[ceph]`): where they live in the cluster, which session does
+//! what, and the exclusive lock that makes one host the writer.
+//!
+//! - A volume `NAME` is the image `cryptvol.NAME` ([`IMAGE_PREFIX`]) in its pool; the image
+//!   holds exactly the bytes of a volume file. `volume list` shows every `cryptvol.*` image of
+//!   the configured pool.
+//! - **Sessions.** One long-lived *control* session (connected on first use, reconnected on
+//!   the next call after a failure) reads headers, lists, names lock holders and removes
+//!   images; it never takes a lock. Every read-write attach, and every operation that writes
+//!   a header (create, resize, rewrap of a volume not attached here), gets a session of its
+//!   own: a takeover blocklists the holder's session address, which then fences exactly that
+//!   one attachment, not the host's other volumes nor its control session.
+//! - **Holder label.** A lock is recorded with `CLIENT@HOSTNAME` (the cephx user and this
+//!   host's name), which another host's refusal and `volume list` show.
+
+use std::sync::{Arc, Mutex};
+
+use crate::config::CephConfig;
+use crate::volume::rbd::{Cluster, ClusterConfig, Image, LockError, LockOwner, RbdStore};
+use crate::volume::{BlockStore, Volume, VolumeHeader};
+
+use super::DaemonError;
+
+/// Image name prefix: volume `NAME` is image `cryptvol.NAME`.
+pub const IMAGE_PREFIX: &str = "cryptvol.";
+
+pub fn image_name(name: &str) -> String {
+    format!("{IMAGE_PREFIX}{name}")
+}
+
+pub struct Ceph {
+    cfg: ClusterConfig,
+    pool: String,
+    label: String,
+    control: Mutex<Option<Cluster>>,
+}
+
+fn cluster_err(what: &str, e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Cluster(format!("{what}: {e}"))
+}
+
+/// What a look at an image (read-only, no lock) shows.
+pub struct Peek {
+    pub header: VolumeHeader,
+    /// The exclusive lock's holder (its label and session address), if any.
+    pub holder: Option<String>,
+}
+
+/// An image being imported into: its store (drop every other handle before
+/// [`Ceph::finish`]); removed again if dropped unfinished.
+pub struct Building {
+    store: Option<Arc<RbdStore>>,
+    io: Option<crate::volume::rbd::IoCtx>,
+    temp: String,
+}
+
+impl Building {
+    pub fn store(&self) -> Option<Arc<dyn BlockStore>> {
+        self.store.clone().map(|s| s as Arc<dyn BlockStore>)
+    }
+}
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        // Close the image (the last handle, when the caller dropped its own) first.
+        drop(self.store.take());
+        if let Some(io) = self.io.take()
+            && let Err(e) = io.remove_image(&self.temp)
+        {
+            tracing::error!(image = %self.temp, error = %e, "could not remove an unfinished import; remove it with `rbd rm`");
+        }
+    }
+}
+
+/// A read-write attachment's store: the image open in a session of its own, locked.
+pub struct Locked {
+    pub store: Arc<dyn BlockStore>,
+    /// Releases the lock (detach), before the last handle closes the image.
+    pub release: Box<dyn Fn() -> std::io::Result<()> + Send + Sync>,
+    /// The holder whose lock was broken (`--takeover`), if one was.
+    pub took_over_from: Option<String>,
+    /// This session's address: what lock holders are named by.
+    pub address: String,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+impl Ceph {
+    /// Nothing is connected yet: a cluster down at start does not stop the daemon.
+    pub fn new(c: &CephConfig) -> Ceph {
+        let mut cfg = ClusterConfig::new(&c.conf, c.client.clone());
+        cfg.keyring = c.keyring.clone();
+        cfg.op_timeout = c.op_timeout;
+        cfg.mount_timeout = c.op_timeout.min(std::time::Duration::from_secs(10));
+        Ceph {
+            label: format!("{}@{}", c.client, hostname()),
+            cfg,
+            pool: c.pool.clone(),
+            control: Mutex::new(None),
+        }
+    }
+
+    /// The configured pool (new volumes, `volume list`).
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// The control session, connecting (again) if there is none.
+    pub fn control(&self) -> Result<Cluster, DaemonError> {
+        let mut g = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = g.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = Cluster::connect(&self.cfg).map_err(|e| cluster_err("cluster", e))?;
+        tracing::info!(client = %self.cfg.client, "connected to the Ceph cluster");
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the control session after a failure that may be the session's (the next call
+    /// connects again).
+    fn reset_on<T>(&self, r: Result<T, DaemonError>) -> Result<T, DaemonError> {
+        if let Err(DaemonError::Cluster(_)) = &r {
+            *self.control.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        r
+    }
+
+    /// Names of the cryptvol volumes in the configured pool, sorted.
+    pub fn list(&self) -> Result<Vec<String>, DaemonError> {
+        let r = (|| {
+            let io = self
+                .control()?
+                .ioctx(&self.pool)
+                .map_err(|e| cluster_err(&format!("pool {}", self.pool), e))?;
+            let mut names: Vec<String> = io
+                .list_images()
+                .map_err(|e| cluster_err(&format!("listing pool {}", self.pool), e))?
+                .into_iter()
+                .filter_map(|i| i.strip_prefix(IMAGE_PREFIX).map(str::to_owned))
+                .filter(|n| super::valid_name(n))
+                .collect();
+            names.sort();
+            Ok(names)
+        })();
+        self.reset_on(r)
+    }
+
+    /// The image opened in the control session: read-only, or (to ask who holds its lock,
+    /// which librbd refuses on read-only handles) read-write without writing.
+    fn open_control(&self, pool: &str, name: &str, read_only: bool) -> Result<Image, DaemonError> {
+        let io = self
+            .control()?
+            .ioctx(pool)
+            .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
+        let image = image_name(name);
+        if read_only {
+            io.open_read_only(&image)
+        } else {
+            io.open(&image)
+        }
+        .map_err(|e| open_err(pool, name, e))
+    }
+
+    /// The header and lock holder of volume `name` in `pool`, without a lock.
+    pub fn peek(&self, pool: &str, name: &str) -> Result<Peek, DaemonError> {
+        let r = (|| {
+            let img = self.open_control(pool, name, false)?;
+            let holder = img
+                .lock_owner()
+                .map_err(|e| cluster_err("lock owner", e))?
+                .map(|o| shown(&o));
+            let store = RbdStore::new(img);
+            let header = Volume::read_header_in(&store)
+                .map_err(|e| DaemonError::Volume(name.to_owned(), e))?;
+            Ok(Peek { header, holder })
+        })();
+        self.reset_on(r)
+    }
+
+    /// The image opened read-only in the control session (a read-only attach: no lock).
+    pub fn open_read_only(
+        &self,
+        pool: &str,
+        name: &str,
+    ) -> Result<Arc<dyn BlockStore>, DaemonError> {
+        let r = self
+            .open_control(pool, name, true)
+            .map(|i| Arc::new(RbdStore::new(i)) as Arc<dyn BlockStore>);
+        self.reset_on(r)
+    }
+
+    /// The image opened read-write in a new session holding its exclusive lock. Held by
+    /// another client: refused naming it, unless `takeover`, which breaks (and blocklists)
+    /// the holder first.
+    pub fn open_locked(
+        &self,
+        pool: &str,
+        name: &str,
+        takeover: bool,
+    ) -> Result<Locked, DaemonError> {
+        let cluster = Cluster::connect(&self.cfg).map_err(|e| cluster_err("cluster", e))?;
+        let io = cluster
+            .ioctx(pool)
+            .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
+        let img = io
+            .open(&image_name(name))
+            .map_err(|e| open_err(pool, name, e))?;
+        let mut took_over_from = None;
+        if takeover
+            && !img.is_lock_owner().map_err(|e| cluster_err("lock", e))?
+            && let Some(owner) = img.lock_owner().map_err(|e| cluster_err("lock owner", e))?
+        {
+            img.lock_break(&owner)
+                .map_err(|e| cluster_err(&format!("breaking the lock of {}", shown(&owner)), e))?;
+            tracing::warn!(volume = name, holder = %owner, "lock broken: the holder is fenced (blocklisted)");
+            took_over_from = Some(shown(&owner));
+        }
+        img.lock_exclusive(&self.label).map_err(|e| match e {
+            LockError::Held { owner, .. } => DaemonError::Conflict(format!(
+                "volume {name:?} is attached read-write by {}; detach it there, or \
+                 attach with --takeover to fence that holder",
+                shown(&owner)
+            )),
+            LockError::Io(e) => cluster_err("taking the lock", e),
+        })?;
+        let address = cluster
+            .addrs()
+            .map_err(|e| cluster_err("session address", e))?;
+        let store = Arc::new(RbdStore::new(img));
+        let held = store.clone();
+        Ok(Locked {
+            store,
+            release: Box::new(move || held.image().lock_release()),
+            took_over_from,
+            address,
+        })
+    }
+
+    /// Creates the image of a new volume and writes its header (in a session of its own).
+    /// On failure the image is removed again.
+    pub fn create(&self, pool: &str, name: &str, h: &VolumeHeader) -> Result<(), DaemonError> {
+        let cluster = Cluster::connect(&self.cfg).map_err(|e| cluster_err("cluster", e))?;
+        let io = cluster
+            .ioctx(pool)
+            .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
+        let image = image_name(name);
+        let end = h
+            .data_offset
+            .checked_add(h.size)
+            .ok_or_else(|| DaemonError::Invalid("size too large".into()))?;
+        io.create_image(&image, end, None).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                DaemonError::Exists(name.to_owned())
+            } else {
+                cluster_err(&format!("creating image {pool}/{image}"), e)
+            }
+        })?;
+        let written = io
+            .open(&image)
+            .map_err(|e| cluster_err(&format!("opening image {pool}/{image}"), e))
+            .and_then(|img| {
+                let store = RbdStore::new(img);
+                Volume::create_with_store(&store, h).map_err(|e| match e {
+                    crate::volume::VolumeError::BadHeader(why) => {
+                        DaemonError::Invalid(why.to_owned())
+                    }
+                    e => DaemonError::Volume(name.to_owned(), e),
+                })?;
+                store
+                    .into_image()
+                    .close()
+                    .map_err(|e| cluster_err("closing", e))
+            });
+        if let Err(e) = written {
+            if let Err(e2) = io.remove_image(&image) {
+                tracing::error!(image = %image, error = %e2, "could not remove a half-created image");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Starts an import: a new image under a temporary name (`cryptvol-tmp.NAME.ID`, not
+    /// listed as a volume) with the header written, open in a session of its own.
+    pub fn create_temp(
+        &self,
+        pool: &str,
+        name: &str,
+        h: &VolumeHeader,
+    ) -> Result<Building, DaemonError> {
+        let temp = format!("cryptvol-tmp.{name}.{}", uuid::Uuid::new_v4().simple());
+        let cluster = Cluster::connect(&self.cfg).map_err(|e| cluster_err("cluster", e))?;
+        let io = cluster
+            .ioctx(pool)
+            .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
+        let end = h
+            .data_offset
+            .checked_add(h.size)
+            .ok_or_else(|| DaemonError::Invalid("size too large".into()))?;
+        io.create_image(&temp, end, None)
+            .map_err(|e| cluster_err(&format!("creating image {pool}/{temp}"), e))?;
+        let b = io
+            .open(&temp)
+            .map_err(|e| cluster_err(&format!("opening image {pool}/{temp}"), e))
+            .and_then(|img| {
+                let store = RbdStore::new(img);
+                Volume::create_with_store(&store, h)
+                    .map_err(|e| DaemonError::Volume(name.to_owned(), e))?;
+                Ok(Arc::new(store))
+            });
+        match b {
+            Ok(store) => Ok(Building {
+                store: Some(store),
+                io: Some(io),
+                temp,
+            }),
+            Err(e) => {
+                let _ = io.remove_image(&temp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends an import: the image closed and renamed to `cryptvol.NAME` (never over an
+    /// existing one: `Exists`, and the temporary image is removed).
+    pub fn finish(&self, mut b: Building, name: &str) -> Result<(), DaemonError> {
+        let io = b.io.take().expect("a building image has its ioctx");
+        let temp = std::mem::take(&mut b.temp);
+        drop(b.store.take());
+        drop(b);
+        let r = io
+            .rename_image(&temp, &image_name(name))
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EEXIST) => DaemonError::Exists(name.to_owned()),
+                _ => cluster_err("renaming the imported image", e),
+            });
+        if r.is_err() {
+            let _ = io.remove_image(&temp);
+        }
+        r
+    }
+
+    /// Removes volume `name`'s image; refused while another client holds its lock.
+    pub fn remove(&self, pool: &str, name: &str) -> Result<(), DaemonError> {
+        let r = (|| {
+            if let Some(holder) = self.peek(pool, name)?.holder {
+                return Err(DaemonError::Conflict(format!(
+                    "volume {name:?} is attached read-write by {holder}; detach it there first"
+                )));
+            }
+            let io = self
+                .control()?
+                .ioctx(pool)
+                .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
+            io.remove_image(&image_name(name)).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    DaemonError::Conflict(format!(
+                        "volume {name:?} is open on another host; detach it there first"
+                    ))
+                } else {
+                    cluster_err("removing the image", e)
+                }
+            })
+        })();
+        self.reset_on(r)
+    }
+}
+
+/// A lock holder as shown to users: its label is image metadata any client of the pool can
+/// write, so control characters are replaced and the length is bounded.
+fn shown(o: &LockOwner) -> String {
+    let clean = |s: &str, max: usize| -> String {
+        s.chars()
+            .take(max)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    };
+    match &o.label {
+        Some(l) => format!("{} ({})", clean(l, 128), clean(&o.address, 128)),
+        None => clean(&o.address, 128),
+    }
+}
+
+fn open_err(pool: &str, name: &str, e: std::io::Error) -> DaemonError {
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        DaemonError::NoVolume(name.to_owned())
+    } else {
+        cluster_err(&format!("opening image {pool}/{}", image_name(name)), e)
+    }
+}

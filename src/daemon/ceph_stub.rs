@@ -1,0 +1,76 @@
+//! Built without the `rbd` feature: the same interface as `ceph.rs`, every call refused.
+
+use std::sync::Arc;
+
+use super::DaemonError;
+use crate::config::CephConfig;
+use crate::volume::{BlockStore, VolumeHeader};
+
+pub const IMAGE_PREFIX: &str = "cryptvol.";
+
+pub fn image_name(name: &str) -> String {
+    format!("{IMAGE_PREFIX}{name}")
+}
+
+pub struct Ceph {
+    pool: String,
+}
+
+pub struct Peek {
+    pub header: VolumeHeader,
+    pub holder: Option<String>,
+}
+
+pub struct Building;
+
+impl Building {
+    pub fn store(&self) -> Option<Arc<dyn BlockStore>> {
+        None
+    }
+}
+
+pub struct Locked {
+    pub store: Arc<dyn BlockStore>,
+    pub release: Box<dyn Fn() -> std::io::Result<()> + Send + Sync>,
+    pub took_over_from: Option<String>,
+    pub address: String,
+}
+
+fn off() -> DaemonError {
+    DaemonError::Cluster("cryptvol was built without Ceph support (feature \"rbd\")".into())
+}
+
+impl Ceph {
+    pub fn new(c: &CephConfig) -> Ceph {
+        Ceph {
+            pool: c.pool.clone(),
+        }
+    }
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+    pub fn list(&self) -> Result<Vec<String>, DaemonError> {
+        Err(off())
+    }
+    pub fn peek(&self, _: &str, _: &str) -> Result<Peek, DaemonError> {
+        Err(off())
+    }
+    pub fn open_read_only(&self, _: &str, _: &str) -> Result<Arc<dyn BlockStore>, DaemonError> {
+        Err(off())
+    }
+    pub fn open_locked(&self, _: &str, _: &str, _: bool) -> Result<Locked, DaemonError> {
+        Err(off())
+    }
+    pub fn create(&self, _: &str, _: &str, _: &VolumeHeader) -> Result<(), DaemonError> {
+        Err(off())
+    }
+    pub fn create_temp(&self, _: &str, _: &str, _: &VolumeHeader) -> Result<Building, DaemonError> {
+        Err(off())
+    }
+    pub fn finish(&self, _: Building, _: &str) -> Result<(), DaemonError> {
+        Err(off())
+    }
+    pub fn remove(&self, _: &str, _: &str) -> Result<(), DaemonError> {
+        Err(off())
+    }
+}

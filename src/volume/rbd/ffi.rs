@@ -1,0 +1,203 @@
+//! The librados/librbd C API used by cryptvol, declared by hand from Ceph 16.2's
+//! `/usr/include/rados/librados.h` and `/usr/include/rbd/librbd.h` (the line-for-line
+//! signatures are in the comments of each group). Only what [`super`] calls; no bindgen.
+//!
+//! Every function returns 0 or a byte count on success and a negative errno on failure (the
+//! `rbd_*` I/O calls return `ssize_t`). Handles are opaque pointers.
+#![allow(non_camel_case_types)]
+
+use libc::{c_char, c_int, c_void, size_t, ssize_t};
+
+/// `typedef void *rados_t;`
+pub type rados_t = *mut c_void;
+/// `typedef void *rados_ioctx_t;`
+pub type rados_ioctx_t = *mut c_void;
+/// `typedef void *rbd_image_t;`
+pub type rbd_image_t = *mut c_void;
+/// `typedef void *rbd_image_options_t;`
+pub type rbd_image_options_t = *mut c_void;
+
+/// `typedef enum { RBD_LOCK_MODE_EXCLUSIVE = 0, RBD_LOCK_MODE_SHARED = 1 } rbd_lock_mode_t;`
+pub type rbd_lock_mode_t = c_int;
+pub const RBD_LOCK_MODE_EXCLUSIVE: rbd_lock_mode_t = 0;
+
+/// `RBD_IMAGE_OPTION_ORDER = 2` (of `rbd_image_option_t`).
+pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+
+/// `typedef struct { char *id; char *name; } rbd_image_spec_t;`
+#[repr(C)]
+pub struct rbd_image_spec_t {
+    pub id: *mut c_char,
+    pub name: *mut c_char,
+}
+
+/// `int (*cb)(uint64_t, size_t, int, void *)` of `rbd_diff_iterate2`: offset, length,
+/// exists (1 data, 0 hole), the caller's argument; a negative return stops the iteration.
+pub type rbd_diff_cb = unsafe extern "C" fn(u64, size_t, c_int, *mut c_void) -> c_int;
+
+#[link(name = "rados")]
+unsafe extern "C" {
+    // int rados_create2(rados_t *pcluster, const char *const clustername,
+    //                   const char * const name, uint64_t flags);
+    pub fn rados_create2(
+        pcluster: *mut rados_t,
+        clustername: *const c_char,
+        name: *const c_char,
+        flags: u64,
+    ) -> c_int;
+    // int rados_conf_read_file(rados_t cluster, const char *path);
+    pub fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
+    // int rados_conf_set(rados_t cluster, const char *option, const char *value);
+    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+    // int rados_connect(rados_t cluster);
+    pub fn rados_connect(cluster: rados_t) -> c_int;
+    // void rados_shutdown(rados_t cluster);
+    pub fn rados_shutdown(cluster: rados_t);
+    // uint64_t rados_get_instance_id(rados_t cluster);
+    pub fn rados_get_instance_id(cluster: rados_t) -> u64;
+    // int rados_getaddrs(rados_t cluster, char** addrs);   (free() the string)
+    pub fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
+    // int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx);
+    pub fn rados_ioctx_create(
+        cluster: rados_t,
+        pool_name: *const c_char,
+        ioctx: *mut rados_ioctx_t,
+    ) -> c_int;
+    // void rados_ioctx_destroy(rados_ioctx_t io);
+    pub fn rados_ioctx_destroy(io: rados_ioctx_t);
+}
+
+#[link(name = "rbd")]
+unsafe extern "C" {
+    // void rbd_image_options_create(rbd_image_options_t* opts);
+    pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+    // void rbd_image_options_destroy(rbd_image_options_t opts);
+    pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
+    // int rbd_image_options_set_uint64(rbd_image_options_t opts, int optname, uint64_t optval);
+    pub fn rbd_image_options_set_uint64(
+        opts: rbd_image_options_t,
+        optname: c_int,
+        optval: u64,
+    ) -> c_int;
+    // int rbd_create4(rados_ioctx_t io, const char *name, uint64_t size,
+    //                 rbd_image_options_t opts);
+    pub fn rbd_create4(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        size: u64,
+        opts: rbd_image_options_t,
+    ) -> c_int;
+    // int rbd_remove(rados_ioctx_t io, const char *name);
+    pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+    // int rbd_rename(rados_ioctx_t src_io_ctx, const char *srcname, const char *destname);
+    pub fn rbd_rename(io: rados_ioctx_t, srcname: *const c_char, destname: *const c_char) -> c_int;
+    // int rbd_list2(rados_ioctx_t io, rbd_image_spec_t* images, size_t *max_images);
+    pub fn rbd_list2(
+        io: rados_ioctx_t,
+        images: *mut rbd_image_spec_t,
+        max_images: *mut size_t,
+    ) -> c_int;
+    // void rbd_image_spec_list_cleanup(rbd_image_spec_t *images, size_t num_images);
+    pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: size_t);
+
+    // int rbd_open(rados_ioctx_t io, const char *name, rbd_image_t *image,
+    //              const char *snap_name);
+    pub fn rbd_open(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    // int rbd_open_read_only(rados_ioctx_t io, const char *name, rbd_image_t *image,
+    //                        const char *snap_name);
+    pub fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    // int rbd_close(rbd_image_t image);
+    pub fn rbd_close(image: rbd_image_t) -> c_int;
+    // int rbd_get_size(rbd_image_t image, uint64_t *size);
+    pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    // int rbd_resize(rbd_image_t image, uint64_t size);
+    pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+
+    // ssize_t rbd_read2(rbd_image_t image, uint64_t ofs, size_t len, char *buf, int op_flags);
+    pub fn rbd_read2(
+        image: rbd_image_t,
+        ofs: u64,
+        len: size_t,
+        buf: *mut c_char,
+        op_flags: c_int,
+    ) -> ssize_t;
+    // ssize_t rbd_write2(rbd_image_t image, uint64_t ofs, size_t len, const char *buf,
+    //                    int op_flags);
+    pub fn rbd_write2(
+        image: rbd_image_t,
+        ofs: u64,
+        len: size_t,
+        buf: *const c_char,
+        op_flags: c_int,
+    ) -> ssize_t;
+    // int rbd_discard(rbd_image_t image, uint64_t ofs, uint64_t len);
+    pub fn rbd_discard(image: rbd_image_t, ofs: u64, len: u64) -> c_int;
+    // ssize_t rbd_write_zeroes(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags,
+    //                          int op_flags);
+    pub fn rbd_write_zeroes(
+        image: rbd_image_t,
+        ofs: u64,
+        len: size_t,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> ssize_t;
+    // int rbd_flush(rbd_image_t image);
+    pub fn rbd_flush(image: rbd_image_t) -> c_int;
+    // int rbd_diff_iterate2(rbd_image_t image, const char *fromsnapname, uint64_t ofs,
+    //                       uint64_t len, uint8_t include_parent, uint8_t whole_object,
+    //                       int (*cb)(uint64_t, size_t, int, void *), void *arg);
+    pub fn rbd_diff_iterate2(
+        image: rbd_image_t,
+        fromsnapname: *const c_char,
+        ofs: u64,
+        len: u64,
+        include_parent: u8,
+        whole_object: u8,
+        cb: rbd_diff_cb,
+        arg: *mut c_void,
+    ) -> c_int;
+
+    // int rbd_lock_acquire(rbd_image_t image, rbd_lock_mode_t lock_mode);
+    pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: rbd_lock_mode_t) -> c_int;
+    // int rbd_lock_release(rbd_image_t image);
+    pub fn rbd_lock_release(image: rbd_image_t) -> c_int;
+    // int rbd_is_exclusive_lock_owner(rbd_image_t image, int *is_owner);
+    pub fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
+    // int rbd_lock_get_owners(rbd_image_t image, rbd_lock_mode_t *lock_mode,
+    //                         char **lock_owners, size_t *max_lock_owners);
+    pub fn rbd_lock_get_owners(
+        image: rbd_image_t,
+        lock_mode: *mut rbd_lock_mode_t,
+        lock_owners: *mut *mut c_char,
+        max_lock_owners: *mut size_t,
+    ) -> c_int;
+    // void rbd_lock_get_owners_cleanup(char **lock_owners, size_t lock_owner_count);
+    pub fn rbd_lock_get_owners_cleanup(lock_owners: *mut *mut c_char, lock_owner_count: size_t);
+    // int rbd_lock_break(rbd_image_t image, rbd_lock_mode_t lock_mode,
+    //                    const char *lock_owner);
+    pub fn rbd_lock_break(
+        image: rbd_image_t,
+        lock_mode: rbd_lock_mode_t,
+        lock_owner: *const c_char,
+    ) -> c_int;
+
+    // int rbd_metadata_get(rbd_image_t image, const char *key, char *value, size_t *val_len);
+    pub fn rbd_metadata_get(
+        image: rbd_image_t,
+        key: *const c_char,
+        value: *mut c_char,
+        val_len: *mut size_t,
+    ) -> c_int;
+    // int rbd_metadata_set(rbd_image_t image, const char *key, const char *value);
+    pub fn rbd_metadata_set(image: rbd_image_t, key: *const c_char, value: *const c_char) -> c_int;
+}
