@@ -4,11 +4,10 @@
 //! settings refused at start, and a state-dir backup that cannot bring a destroyed key back.
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::hsm::{self, Token};
-use common::{BIN, Env, qemu_io};
+use common::{Env, ok_io, qemu_io};
 
 fn hsm_env(t: &Token) -> Env {
     Env::with_config(|_| t.config())
@@ -20,16 +19,6 @@ fn start(e: &mut Env, t: &Token) {
 
 fn label(key_id: &str, v: u32) -> String {
     format!("cryptvol/{key_id}/v{v}")
-}
-
-fn ok_io(uri: &str, cmd: &str) {
-    let o = qemu_io(uri, &[cmd]);
-    assert!(
-        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"),
-        "qemu-io {cmd}: {} {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn status(e: &Env, vol: &str) -> String {
@@ -231,10 +220,7 @@ fn a_restored_backup_cannot_resurrect_a_destroyed_key() {
     };
     let mut e = hsm_env(&t);
     start(&mut e, &t);
-    let id = e.json(&["key", "create", "--alias", "k"])["key_info"]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = e.key("k");
     e.json(&["volume", "create", "v", "--size", "8M", "--key", "k"]);
     e.json(&["volume", "attach", "v"]);
     ok_io(&e.uri("v"), "write -P 0x33 0 65536");
@@ -359,35 +345,7 @@ fn file_and_token_custody_side_by_side() {
 
 /// Runs `serve` and expects it to refuse to start; returns its stderr.
 fn refused(e: &Env, t: &Token) -> String {
-    let mut child = Command::new("env")
-        .arg(format!("SOFTHSM2_CONF={}", t.conf.display()))
-        .arg(BIN)
-        .args(["serve", "--config"])
-        .arg(&e.cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("daemon started despite a bad [kms] setting");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(!st.success());
-    let mut err = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = e.refused_via(&t.wrapper(), "a bad [kms] setting");
     let last = err.trim_end().lines().last().unwrap_or("").to_owned();
     assert!(
         last.contains(&e.cfg.display().to_string()),
@@ -487,10 +445,7 @@ fn two_daemons_share_one_token() {
     };
     let mut a = hsm_env(&t);
     start(&mut a, &t);
-    let id = a.json(&["key", "create", "--alias", "shared"])["key_info"]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = a.key("shared");
     let dk = a.json(&[
         "datakey",
         "create",
@@ -649,10 +604,7 @@ fn import_to_hsm_moves_a_key_with_attached_volumes() {
     };
     let mut e = Env::new();
     e.start();
-    let id = e.json(&["key", "create", "--alias", "f"])["key_info"]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = e.key("f");
     e.json(&["key", "rotate", "f"]);
     for v in ["va", "vb"] {
         e.json(&["volume", "create", v, "--size", "8M", "--key", "f"]);

@@ -5,26 +5,12 @@
 //! dropping it is a generation of its own, so the `keys.json` that still held it is refused.
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use common::hsm::{self, Token};
-use common::{BIN, Env, qemu_io};
+use common::{Env, ok_io};
 use serde_json::Value;
 
 fn start(e: &mut Env, t: &Token) {
     e.start_via(&t.wrapper());
-}
-
-fn ok_io(uri: &str, cmd: &str) {
-    let o = qemu_io(uri, &[cmd]);
-    assert!(
-        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"),
-        "qemu-io {cmd}: {} {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// Switches `[kms]` of the test config to pkcs11 custody in `t`.
@@ -61,44 +47,9 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-fn key(e: &Env, alias: &str) -> String {
-    e.json(&["key", "create", "--alias", alias])["key_info"]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 /// Starts the daemon expecting it to refuse; returns its stderr.
 fn refused(e: &Env, t: &Token) -> String {
-    let mut child = Command::new("env")
-        .arg(format!("SOFTHSM2_CONF={}", t.conf.display()))
-        .arg(BIN)
-        .args(["serve", "--config"])
-        .arg(&e.cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("daemon started on a restored keys.json");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(!st.success());
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    err
+    e.refused_via(&t.wrapper(), "a restored keys.json")
 }
 
 #[test]
@@ -108,7 +59,7 @@ fn token_labels_ride_through_every_generation_file_material_is_resealed() {
     };
     let mut e = Env::new();
     e.start();
-    let f = key(&e, "f");
+    let f = e.key("f");
     e.json(&["volume", "create", "vf", "--size", "8M", "--key", "f"]);
     e.json(&["volume", "attach", "vf"]);
     ok_io(&e.uri("vf"), "write -P 0x5a 4096 65536");
@@ -117,7 +68,7 @@ fn token_labels_ride_through_every_generation_file_material_is_resealed() {
 
     to_token(&e, &t);
     start(&mut e, &t);
-    let tk = key(&e, "t");
+    let tk = e.key("t");
     e.json(&["volume", "create", "vt", "--size", "8M", "--key", "t"]);
     e.json(&["volume", "attach", "vt"]);
     ok_io(&e.uri("vt"), "write -P 0xa5 4096 65536");
@@ -137,7 +88,7 @@ fn token_labels_ride_through_every_generation_file_material_is_resealed() {
     e.json(&["key", "rotate", "f"]);
     e.json(&["key", "disable", "t"]);
     e.json(&["key", "enable", "t"]);
-    key(&e, "other");
+    e.key("other");
     let after = store(&e);
     assert!(after["generation"].as_u64().unwrap() >= gen0 + 5, "{after}");
     let (t1, f1) = (record(&e, &tk), record(&e, &f));
@@ -195,7 +146,7 @@ fn kept_file_material_is_resealed_and_its_drop_is_a_generation() {
     };
     let mut e = Env::new();
     e.start();
-    let f = key(&e, "f");
+    let f = e.key("f");
     e.json(&["volume", "create", "v", "--size", "8M", "--key", "f"]);
     let ct = e.json(&["datakey", "create", "--key", "f"])["cipher_text"]
         .as_str()
@@ -211,7 +162,7 @@ fn kept_file_material_is_resealed_and_its_drop_is_a_generation() {
     assert_eq!(kept.len(), 1);
     // Another change: the kept material is re-sealed, and still opens (an algorithm-1 blob
     // made before the move decrypts).
-    key(&e, "other");
+    e.key("other");
     let resealed = strings(&record(&e, &f)["legacy"]);
     assert_eq!(resealed.len(), 1);
     assert_ne!(resealed[0], kept[0], "legacy material re-sealed");
@@ -251,7 +202,7 @@ fn post(sock: &std::path::Path, path: &str, body: &str) -> String {
 fn import_requests_are_audited_in_the_keyed_chain_refused_ones_too() {
     let mut e = Env::new();
     e.start();
-    let f = key(&e, "f");
+    let f = e.key("f");
     let path = "/v1/kms/import-key-to-hsm";
     let sock = e.dir.path().join("c.sock");
     // Refused by the API (a malformed field, no body): audited all the same.

@@ -47,10 +47,7 @@ fn copy(from: &Path, to: &Path) {
 
 /// A key `k` with volume `v` under it, detached; returns the key id.
 fn key_and_volume(e: &Env) -> String {
-    let id = e.json(&["key", "create", "--alias", "k"])["key_info"]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = e.key("k");
     e.json(&["volume", "create", "v", "--size", "8M", "--key", "k"]);
     e.json(&["volume", "attach", "v"]);
     e.json(&["volume", "detach", "v"]);

@@ -276,10 +276,7 @@ fn a_rolled_back_header_is_refused() {
 #[test]
 fn a_header_naming_a_decoy_key_is_refused() {
     let e = started();
-    let decoy = e.json(&["key", "create", "--alias", "decoy"])["key_info"]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let decoy = e.key("decoy");
     e.json(&["volume", "create", "vd", "--size", "8M", "--key", "k"]);
     let p = e.volume_path("vd");
     let mut h = Volume::read_header(&p).unwrap();
@@ -368,13 +365,7 @@ fn demo_ignores_a_prepared_temp_dir() {
         .args(["-INT", &child.id().to_string()])
         .status();
     let st = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = common::stderr_of(&mut child);
     assert_eq!(
         std::fs::read(&victim).unwrap(),
         b"precious\n",

@@ -296,6 +296,47 @@ impl Env {
         }
     }
 
+    /// Runs `serve` through `wrapper` expecting it to refuse to start (within 30 s);
+    /// returns its stderr. `what` names the bad setting in the panic if it starts.
+    pub fn refused_via(&self, wrapper: &[String], what: &str) -> String {
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
+            .args(["serve", "--config"])
+            .arg(&self.cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon started despite {what}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!st.success());
+        stderr_of(&mut child)
+    }
+
+    /// `key create --alias alias`; returns the key id.
+    pub fn key(&self, alias: &str) -> String {
+        self.json(&["key", "create", "--alias", alias])["key_info"]["key_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     /// The running daemon's pid.
     pub fn pid(&self) -> u32 {
         self.daemon.as_ref().expect("running").id()
@@ -312,6 +353,27 @@ impl Env {
             .output()
             .unwrap()
     }
+}
+
+/// What an exited child wrote to its piped stderr.
+pub fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    err
+}
+
+/// `qemu-io` on `uri` running `cmd`, which must succeed.
+pub fn ok_io(uri: &str, cmd: &str) {
+    let o = qemu_io(uri, &[cmd]);
+    assert!(
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"),
+        "qemu-io {cmd}: {} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// The test PKI (openssl CLI) for the TLS tests.
