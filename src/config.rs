@@ -502,7 +502,8 @@ impl Config {
             }
         };
         let kms_store = match raw.kms.store.as_deref() {
-            None | Some("file") => KmsStore::File,
+            // SPEC §8 names it "local"; "file" matches [kms] custody and [volumes] store.
+            None | Some("file" | "local") => KmsStore::File,
             Some("rados") if ceph.is_none() => {
                 return Err(err(
                     "kms.store",

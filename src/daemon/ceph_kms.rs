@@ -15,10 +15,10 @@
 //!   a lost cluster makes KMS calls fail with `KMS.0504`, never hang, and the next call tries
 //!   again.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::config::CephConfig;
-use crate::kms::{Conflict, KmsError, Loaded, RecordStore};
+use crate::kms::RecordStore;
 
 /// The object holding the record set.
 pub const RECORDS_OBJECT: &str = "cryptvol.kms.records";
@@ -41,7 +41,10 @@ pub fn records(c: &CephConfig) -> Result<Arc<dyn RecordStore>, String> {
 
 #[cfg(feature = "rbd")]
 mod imp {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::kms::{Conflict, KmsError, Loaded};
     use crate::volume::rbd::{Cluster, ClusterConfig, IoCtx};
 
     pub struct RadosRecords {

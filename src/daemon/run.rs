@@ -36,6 +36,10 @@ pub fn init_state_dir(dir: &Path) -> Result<PathBuf, DaemonError> {
 /// both outside the state dir, in the journal).
 fn log_kms_start(kms: &Kms, cfg: &Config) {
     let (sealing, generation) = kms.sealing();
+    if cfg.kms_store == crate::config::KmsStore::Rados {
+        tracing::info!(records = %sealing.display(), "key store: shared key records in RADOS (loaded at each call)");
+        return;
+    }
     tracing::info!(sealing_file = %sealing.display(), generation, "key store open");
     let root_outside = match &cfg.root_key {
         RootKeySource::File(p) => !p.starts_with(&cfg.state_dir),
