@@ -535,10 +535,7 @@ impl Config {
                     .bytes()
                     .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c)))
         {
-            return Err(err(
-                "kms.host_id",
-                format!("{h:?}: 1-64 of [A-Za-z0-9._-]"),
-            ));
+            return Err(err("kms.host_id", format!("{h:?}: 1-64 of [A-Za-z0-9._-]")));
         }
         let default_store = match raw.volumes.store.as_deref() {
             None => StoreKind::File,
@@ -728,6 +725,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains(": tls.allowed_clients.-v: "), "{e}");
+    }
+
+    #[test]
+    fn kms_store() {
+        const BASE: &str = "state_dir = \"/x\"\n";
+        const CEPH: &str = "[ceph]\nconf = \"/c\"\nclient = \"a\"\n";
+        let c = parse(BASE).unwrap();
+        assert_eq!((c.kms_store, c.host_id), (KmsStore::File, None));
+        for v in ["file", "local"] {
+            let c = parse(&format!("{BASE}[kms]\nstore = \"{v}\"\n")).unwrap();
+            assert_eq!(c.kms_store, KmsStore::File);
+        }
+        let c = parse(&format!(
+            "{BASE}{CEPH}[kms]\nstore = \"rados\"\nhost_id = \"h-1.a\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.kms_store, KmsStore::Rados);
+        assert_eq!(c.host_id.as_deref(), Some("h-1.a"));
+        for (extra, key, why) in [
+            ("store = \"rados\"", "kms.store", "needs a [ceph] section"),
+            (
+                "store = \"s3\"",
+                "kms.store",
+                "must be \"file\" or \"rados\"",
+            ),
+            ("host_id = \"a b\"", "kms.host_id", "1-64"),
+            ("host_id = \"\"", "kms.host_id", "1-64"),
+        ] {
+            let e = parse(&format!("{BASE}[kms]\n{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{key}: ")) && e.contains(why), "{e}");
+        }
+        let e = parse(&format!(
+            "{BASE}{CEPH}[kms]\nstore = \"rados\"\nsealing_key_file = \"/s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("kms.sealing_key_file") && e.contains("no use"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -105,7 +105,10 @@ fn a_volume_made_on_a_opens_on_b_without_a_copy_of_a_key_store() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.stdout[..1 << 20].iter().all(|&x| x == 0x5a), "A's data on B");
+    assert!(
+        o.stdout[..1 << 20].iter().all(|&x| x == 0x5a),
+        "A's data on B"
+    );
     assert!(o.stdout[1 << 20..].iter().all(|&x| x == 0));
     // Each host's audit chain names the host.
     let recs = audit_records(&b);
@@ -168,7 +171,13 @@ fn concurrent_changes_from_two_hosts_lose_nothing() {
     let results: Vec<bool> = std::thread::scope(|s| {
         let hs: Vec<_> = [&a, &b]
             .into_iter()
-            .map(|h| s.spawn(move || h.cli(&["key", "create", "--alias", "race"]).status.success()))
+            .map(|h| {
+                s.spawn(move || {
+                    h.cli(&["key", "create", "--alias", "race"])
+                        .status
+                        .success()
+                })
+            })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -236,7 +245,9 @@ fn rolled_back_records_are_refused_by_a_host_that_saw_newer() {
     // A byte of the records changed (a state edited): refused as not opening.
     let mut edited = std::fs::read(&new).unwrap();
     let s = String::from_utf8(edited.clone()).unwrap();
-    let at = s.find("\"alias\": \"new\"").expect("alias new in the records");
+    let at = s
+        .find("\"alias\": \"new\"")
+        .expect("alias new in the records");
     edited[at + 10] = b'w';
     let edited_path = mc.dir().join("records.edited");
     std::fs::write(&edited_path, &edited).unwrap();

@@ -35,7 +35,10 @@ pub fn records(c: &CephConfig) -> Result<Arc<dyn RecordStore>, String> {
     #[cfg(not(feature = "rbd"))]
     {
         let _ = c;
-        Err("[kms] store = \"rados\": cryptvol was built without Ceph support (feature \"rbd\")".into())
+        Err(
+            "[kms] store = \"rados\": cryptvol was built without Ceph support (feature \"rbd\")"
+                .into(),
+        )
     }
 }
 
@@ -86,7 +89,9 @@ mod imp {
                 tracing::info!(records = %self.describe(), "key records: connected");
                 *g = Some(io);
             }
-            let io = g.as_ref().ok_or_else(|| KmsError::Internal("no ioctx".into()))?;
+            let io = g
+                .as_ref()
+                .ok_or_else(|| KmsError::Internal("no ioctx".into()))?;
             f(io).map_err(|e| {
                 *g = None;
                 self.err(what, e)

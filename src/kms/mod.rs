@@ -17,9 +17,9 @@ pub mod audit;
 mod crypto;
 pub mod custody;
 pub mod envelope;
+pub mod records;
 mod root;
 mod sealing;
-pub mod records;
 mod secret;
 mod store;
 pub use sealing::atomic_write;
@@ -32,9 +32,9 @@ use serde::Serialize;
 
 pub use audit::{AuditHead, AuditKey, AuditReport};
 pub use custody::{Custody, CustodyKind, Pkcs11Custody};
+pub use records::{Conflict, FileRecords, Loaded, RecordStore};
 pub use root::{CREDENTIAL_NAME, RootKey};
 pub use secret::Secret;
-pub use records::{Conflict, FileRecords, Loaded, RecordStore};
 pub use wrap::EncryptionContext;
 
 use store::{KeyRecord, Store};
@@ -260,7 +260,8 @@ impl Kms {
         cfg: KmsConfig,
     ) -> Result<Kms, KmsError> {
         let host = cfg.host.clone().unwrap_or_else(audit::hostname);
-        let audit = audit::AuditLog::open_for_host(&dir.join("audit.jsonl"), audit_key, Some(host))?;
+        let audit =
+            audit::AuditLog::open_for_host(&dir.join("audit.jsonl"), audit_key, Some(host))?;
         let kms = Kms {
             inner: Mutex::new(Inner { store, audit }),
             cfg,

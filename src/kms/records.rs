@@ -35,7 +35,8 @@ pub trait RecordStore: Send + Sync {
     /// Replaces the record set if its version is still `expected` (`None`: only if none
     /// exists yet). Returns the new version, or `Ok(Err(Conflict))` when another writer came
     /// first.
-    fn write(&self, bytes: &[u8], expected: Option<u64>) -> Result<Result<u64, Conflict>, KmsError>;
+    fn write(&self, bytes: &[u8], expected: Option<u64>)
+    -> Result<Result<u64, Conflict>, KmsError>;
 }
 
 /// `keys.json` in the key store dir. One writer (the state dir lock), so the version is the
@@ -93,7 +94,11 @@ impl RecordStore for FileRecords {
         }
     }
 
-    fn write(&self, bytes: &[u8], expected: Option<u64>) -> Result<Result<u64, Conflict>, KmsError> {
+    fn write(
+        &self,
+        bytes: &[u8],
+        expected: Option<u64>,
+    ) -> Result<Result<u64, Conflict>, KmsError> {
         let now = self.load()?.map(|l| l.version);
         if now != expected {
             return Ok(Err(Conflict));
@@ -123,12 +128,18 @@ mod tests {
         assert!(r.write(br#"{"generation":1}"#, Some(0)).unwrap().is_err());
         assert_eq!(r.write(br#"{"generation":1}"#, None).unwrap().unwrap(), 1);
         let l = r.load().unwrap().unwrap();
-        assert_eq!((l.version, l.bytes.as_slice()), (1, &br#"{"generation":1}"#[..]));
+        assert_eq!(
+            (l.version, l.bytes.as_slice()),
+            (1, &br#"{"generation":1}"#[..])
+        );
         // A write derived from an older (or no) version loses and changes nothing.
         assert!(r.write(br#"{"generation":7}"#, None).unwrap().is_err());
         assert!(r.write(br#"{"generation":7}"#, Some(0)).unwrap().is_err());
         assert_eq!(r.load().unwrap().unwrap().version, 1);
-        assert_eq!(r.write(br#"{"generation":2}"#, Some(1)).unwrap().unwrap(), 2);
+        assert_eq!(
+            r.write(br#"{"generation":2}"#, Some(1)).unwrap().unwrap(),
+            2
+        );
         assert_eq!(r.load().unwrap().unwrap().version, 2);
     }
 

@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::crypto;
-use super::records::{Conflict, FileRecords, RecordStore};
 use super::custody::{Custody, CustodyKind, FileCustody, material_aad};
+use super::records::{Conflict, FileRecords, RecordStore};
 use super::root::RootKey;
 use super::sealing::{
     NextKey, Sealer, SealingFile, open_hex, read_json, seal_hex, sealing_aad, write_json,
@@ -444,8 +444,9 @@ impl Store {
 
     /// A commit at open (file records: one writer, no conflict but an error).
     fn commit_file(&mut self, keys: Vec<KeyRecord>) -> Result<(), KmsError> {
-        self.commit(keys)?
-            .map_err(|_| KmsError::StoreState(format!("{} changed under us", self.records.describe())))
+        self.commit(keys)?.map_err(|_| {
+            KmsError::StoreState(format!("{} changed under us", self.records.describe()))
+        })
     }
 
     /// Applies `f` to the records and commits; with shared records, on a conflict (another
@@ -548,8 +549,9 @@ impl Store {
             tracing::info!(records = %what, store_id = %self.store_id, "created the shared key records");
             return Ok(());
         };
-        let d: OnDisk = serde_json::from_slice(&l.bytes)
-            .map_err(|e| KmsError::StoreState(format!("the key records {what} are corrupt: {e}")))?;
+        let d: OnDisk = serde_json::from_slice(&l.bytes).map_err(|e| {
+            KmsError::StoreState(format!("the key records {what} are corrupt: {e}"))
+        })?;
         let id = match (d.format, d.store_id) {
             (3, Some(id)) => id,
             (f, _) => {
@@ -563,7 +565,10 @@ impl Store {
                 "the key records {what} belong to another key store ({id}) than the one this \
                  host has used ({}): replaced? restore them, or move {} away to trust them",
                 seen.store_id.unwrap_or_default(),
-                self.shared.as_ref().map(|s| s.seen_path.display().to_string()).unwrap_or_default()
+                self.shared
+                    .as_ref()
+                    .map(|s| s.seen_path.display().to_string())
+                    .unwrap_or_default()
             )));
         }
         let sealer = self.shared_sealer(id, d.generation);
@@ -743,7 +748,11 @@ impl Store {
             r.versions = v;
             Ok(r.metadata())
         });
-        let kept = if r.is_ok() { made.len().saturating_sub(1) } else { made.len() };
+        let kept = if r.is_ok() {
+            made.len().saturating_sub(1)
+        } else {
+            made.len()
+        };
         for (rec, v, e) in &made[..kept] {
             self.discard(rec, *v, e);
         }
@@ -964,9 +973,10 @@ impl Store {
         // sweep reloads, finds the keys destroyed already, and reports nothing.
         self.change(|_, keys| {
             let mut done = Vec::new();
-            for r in keys.iter_mut().filter(|r| {
-                due.contains(&r.key_id) && r.state == KeyState::PendingDeletion
-            }) {
+            for r in keys
+                .iter_mut()
+                .filter(|r| due.contains(&r.key_id) && r.state == KeyState::PendingDeletion)
+            {
                 r.state = KeyState::Destroyed;
                 r.sealed.clear();
                 r.legacy.clear();
@@ -1080,5 +1090,118 @@ mod tests {
         std::fs::remove_file(d.path().join(FILE)).unwrap();
         let e = open(d.path()).err().unwrap().to_string();
         assert!(e.contains("missing"), "{e}");
+    }
+
+    /// Shared records in memory: the same compare-and-swap contract as the RADOS object.
+    #[derive(Default)]
+    struct MemRecords(std::sync::Mutex<Option<(Vec<u8>, u64)>>);
+
+    impl RecordStore for MemRecords {
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+        fn shared(&self) -> bool {
+            true
+        }
+        fn load(&self) -> Result<Option<super::super::records::Loaded>, KmsError> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .clone()
+                .map(|(bytes, version)| super::super::records::Loaded { bytes, version }))
+        }
+        fn write(
+            &self,
+            b: &[u8],
+            expected: Option<u64>,
+        ) -> Result<Result<u64, Conflict>, KmsError> {
+            let mut g = self.0.lock().unwrap();
+            if g.as_ref().map(|x| x.1) != expected {
+                return Ok(Err(Conflict));
+            }
+            let v = g.as_ref().map_or(1, |x| x.1 + 10);
+            *g = Some((b.to_vec(), v));
+            Ok(Ok(v))
+        }
+    }
+
+    fn shared(dir: &Path, r: &Arc<MemRecords>) -> Store {
+        let mut s = Store::open_shared(dir, root(), r.clone(), None).unwrap();
+        s.refresh().unwrap();
+        s
+    }
+
+    #[test]
+    fn shared_records_two_hosts_and_rollback() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let r = Arc::new(MemRecords::default());
+        let mut a = shared(da.path(), &r);
+        let mut b = shared(db.path(), &r);
+        let k = a.create("k", "", 0).unwrap();
+        let ctx = EncryptionContext::default();
+        // B's view is stale until it reloads; its change is then re-applied on top of A's.
+        b.create("kb", "", 0).unwrap();
+        a.refresh().unwrap();
+        assert_eq!(a.keys().len(), 2);
+        let (_, _, blob) = b.wrap("k", b"0123456789abcdef", &ctx).unwrap();
+        let (id, _, plain) = a.unwrap(&blob, &ctx).unwrap();
+        assert_eq!((id, plain.expose()), (k.key_id, &b"0123456789abcdef"[..]));
+        // A and B both rotate from the same stale state: both versions kept.
+        a.add_version(k.key_id).unwrap();
+        b.add_version(k.key_id).unwrap();
+        a.refresh().unwrap();
+        assert_eq!(a.find("k").unwrap().versions, 3);
+        // Alias taken by the other host meanwhile.
+        let e = a.create("kb", "", 0).err().unwrap();
+        assert!(matches!(e, KmsError::AliasExists(_)), "{e}");
+        // Old bytes back at a *higher* store version: refused by generation by the hosts
+        // that saw the newer set.
+        let old = r.load().unwrap().unwrap().bytes;
+        a.create("later", "", 0).unwrap();
+        b.refresh().unwrap();
+        let v = r.load().unwrap().unwrap().version;
+        r.write(&old, Some(v)).unwrap().unwrap();
+        for s in [&mut a, &mut b] {
+            let e = s.refresh().err().unwrap().to_string();
+            assert!(e.contains("rolled back"), "{e}");
+        }
+        // A host that never saw the newer set cannot tell: it takes the old one.
+        let other = tempfile::tempdir().unwrap();
+        assert!(shared(other.path(), &r).find("later").is_err());
+        // An edited record set does not open.
+        let mut cur = old.clone();
+        let at = String::from_utf8_lossy(&cur)
+            .find("\"alias\": \"kb\"")
+            .unwrap();
+        cur[at + 10] = b'x';
+        let v = r.load().unwrap().unwrap().version;
+        r.write(&cur, Some(v)).unwrap().unwrap();
+        let fresh = tempfile::tempdir().unwrap();
+        let mut c = Store::open_shared(fresh.path(), root(), r.clone(), None).unwrap();
+        assert!(matches!(c.refresh(), Err(KmsError::RootKey(_))));
+        // Another root key does not open the records either.
+        let mut c = Store::open_shared(fresh.path(), RootKey::from_bytes([4; 32]), r.clone(), None)
+            .unwrap();
+        assert!(matches!(c.refresh(), Err(KmsError::RootKey(_))));
+    }
+
+    #[test]
+    fn shared_records_concurrent_creates_lose_nothing() {
+        let r = Arc::new(MemRecords::default());
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        std::thread::scope(|sc| {
+            for (h, d) in dirs.iter().enumerate() {
+                let r = r.clone();
+                sc.spawn(move || {
+                    let mut s = shared(d.path(), &r);
+                    for i in 0..10 {
+                        s.create(&format!("h{h}-{i}"), "", 0).unwrap();
+                    }
+                });
+            }
+        });
+        let s = shared(dirs[0].path(), &r);
+        assert_eq!(s.keys().len(), 40);
     }
 }

@@ -103,7 +103,11 @@ unsafe extern "C" {
     );
     // void rados_write_op_write_full(rados_write_op_t write_op, const char *buffer,
     //                                size_t len);
-    pub fn rados_write_op_write_full(write_op: rados_write_op_t, buffer: *const c_char, len: size_t);
+    pub fn rados_write_op_write_full(
+        write_op: rados_write_op_t,
+        buffer: *const c_char,
+        len: size_t,
+    );
     // int rados_write_op_operate(rados_write_op_t write_op, rados_ioctx_t io, const char *oid,
     //                            time_t *mtime, int flags);
     pub fn rados_write_op_operate(

@@ -55,13 +55,7 @@ impl IoCtx {
             let mut buf = vec![0u8; len];
             // SAFETY: live ioctx; `buf` is writable for `len` bytes and outlives the call.
             let n = unsafe {
-                ffi::rados_read(
-                    self.inner.h,
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    len,
-                    0,
-                )
+                ffi::rados_read(self.inner.h, name.as_ptr(), buf.as_mut_ptr().cast(), len, 0)
             };
             let n = match check(n) {
                 Ok(n) => n as usize,
