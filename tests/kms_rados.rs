@@ -154,7 +154,10 @@ fn concurrent_changes_from_two_hosts_lose_nothing() {
     assert_eq!(aliases(&b), want);
     // Five rotations from each host on the same key: all eleven versions are there.
     for h in [&a, &b] {
-        assert_eq!(h.json(&["key", "describe", "shared"])["key_versions"], "11");
+        assert_eq!(
+            h.json(&["key", "describe", "shared"])["key_info"]["key_versions"],
+            "11"
+        );
     }
     // A datakey wrapped on one host under the newest version unwraps on the other.
     let dk = a.json(&["datakey", "create", "--key", "shared", "--context", "c=1"]);
@@ -191,7 +194,7 @@ fn deletion_is_seen_on_every_host_and_destroys_once() {
         return;
     };
     let (a, b) = two_hosts(&mc);
-    let id = a.json(&["key", "create", "--alias", "d"])["key_id"]
+    let id = a.json(&["key", "create", "--alias", "d"])["key_info"]["key_id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -200,10 +203,16 @@ fn deletion_is_seen_on_every_host_and_destroys_once() {
     let e = b.fails(&["datakey", "create", "--key", "d"]);
     assert!(e.contains("pending deletion"), "{e}");
     b.json(&["key", "cancel-deletion", "d"]);
-    assert_eq!(a.json(&["key", "describe", "d"])["key_state"], "3");
+    assert_eq!(
+        a.json(&["key", "describe", "d"])["key_info"]["key_state"],
+        "3"
+    );
     // Window over at once: destroyed by B's sweep, seen destroyed on A, recorded once.
     b.json(&["key", "schedule-deletion", "d", "--pending-days", "0"]);
-    assert_eq!(a.json(&["key", "describe", "d"])["key_state"], "destroyed");
+    assert_eq!(
+        a.json(&["key", "describe", "d"])["key_info"]["key_state"],
+        "destroyed"
+    );
     let e = a.fails(&["datakey", "create", "--key", "d"]);
     assert!(e.contains("destroyed"), "{e}");
     let destroyed: usize = [&a, &b]
@@ -257,7 +266,7 @@ fn rolled_back_records_are_refused_by_a_host_that_saw_newer() {
     // The newest copy back: both hosts serve again.
     rados(&mc, &["put", OBJECT, new.to_str().unwrap()]);
     assert_eq!(
-        b.json(&["key", "describe", "old"])["key_state"],
+        b.json(&["key", "describe", "old"])["key_info"]["key_state"],
         "destroyed"
     );
     a.json(&["key", "create", "--alias", "after"]);
