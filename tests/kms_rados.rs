@@ -12,18 +12,23 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ceph_support::{CLIENT_A, CLIENT_B, MicroCeph, POOL};
-use common::{Env, have, qemu_io};
+use common::{Env, have, hsm, qemu_io};
 
 const OBJECT: &str = "cryptvol.kms.records";
 
 /// A daemon on the cluster as `client`, key records in RADOS, 5 s operation timeout.
 fn host(mc: &MicroCeph, client: &str) -> Env {
+    host_with(mc, client, "")
+}
+
+/// Like [`host`], with more `[kms]` lines.
+fn host_with(mc: &MicroCeph, client: &str, kms: &str) -> Env {
     let conf = mc.conf().to_owned();
     let keyring = mc.keyring(client);
     Env::with_config(|_| {
         format!(
             "[ceph]\nconf = \"{}\"\nclient = \"{client}\"\nkeyring = \"{}\"\npool = \"{POOL}\"\n\
-             op_timeout_secs = 5\n[kms]\nstore = \"rados\"\nhost_id = \"{client}\"\n",
+             op_timeout_secs = 5\n[kms]\nstore = \"rados\"\nhost_id = \"{client}\"\n{kms}",
             conf.display(),
             keyring.display()
         )
@@ -295,4 +300,49 @@ fn cluster_lost_kms_calls_fail_within_the_timeout() {
     b.start();
     let e = b.fails(&["key", "list"]);
     assert!(e.contains("KMS.0504"), "{e}");
+}
+
+#[test]
+fn token_custody_keys_are_shared_through_the_records() {
+    let test = "token_custody_keys_are_shared_through_the_records";
+    let Some(t) = hsm::token("cv-rados") else {
+        return;
+    };
+    let Some(mc) = MicroCeph::start(test) else {
+        return;
+    };
+    let kms = t.config().replacen("[kms]\n", "", 1);
+    let mut a = host_with(&mc, CLIENT_A, &kms);
+    let mut b = host_with(&mc, CLIENT_B, &kms);
+    std::fs::copy(a.state.join("root.key"), b.state.join("root.key")).unwrap();
+    a.start_via(&t.wrapper());
+    b.start_via(&t.wrapper());
+    let info = a.json(&["key", "create", "--alias", "hk"])["key_info"].clone();
+    assert_eq!(info["custody"], "pkcs11");
+    let id = info["key_id"].as_str().unwrap().to_owned();
+    assert!(t.object(&format!("cryptvol/{id}/v1")).is_some());
+    // Rotated on B (a token object made by B), wrapped on B, unwrapped on A.
+    b.json(&["key", "rotate", "hk"]);
+    let dk = b.json(&["datakey", "create", "--key", "hk", "--context", "c=2"]);
+    let plain = a.json(&[
+        "datakey",
+        "decrypt",
+        "--cipher-text",
+        dk["cipher_text"].as_str().unwrap(),
+        "--context",
+        "c=2",
+    ]);
+    assert_eq!(plain["data_key"], dk["plain_text"]);
+    // Destroyed by A's sweep: both token objects gone, B sees it destroyed.
+    a.json(&["key", "schedule-deletion", "hk", "--pending-days", "0"]);
+    for v in ["v1", "v2"] {
+        assert!(
+            t.object(&format!("cryptvol/{id}/{v}")).is_none(),
+            "{v} left"
+        );
+    }
+    assert_eq!(
+        b.json(&["key", "describe", "hk"])["key_info"]["key_state"],
+        "destroyed"
+    );
 }
