@@ -295,6 +295,12 @@ fn cluster_lost_kms_calls_fail_within_the_timeout() {
     assert!(e.contains("KMS.0504"), "{e}");
     eprintln!("{test}: KMS call against a stopped cluster failed after {took:?}");
     assert!(took < Duration::from_secs(60), "{took:?}");
+    assert!(
+        audit_records(&a)
+            .iter()
+            .any(|r| r["operation"] == "describeKey" && r["result"] == "KMS.0504"),
+        "the failed call is audited"
+    );
     // A host starting while the cluster is gone: it starts, and KMS calls
     // fail with KMS.0504.
     b.start();

@@ -292,9 +292,15 @@ impl Kms {
     ) -> Result<T, KmsError> {
         let mut g = self.lock();
         let now = now_ms();
-        let gone = g.store.sweep(now)?;
-        audit_destroyed(&mut g, &gone)?;
-        let r = f(&mut g);
+        // The sweep also (re)loads shared key records: a failure there (cluster down,
+        // rolled-back records) fails the call, audited like any other failure.
+        let r = match g.store.sweep(now) {
+            Ok(gone) => {
+                audit_destroyed(&mut g, &gone)?;
+                f(&mut g)
+            }
+            Err(e) => Err(e),
+        };
         let (key, res) = match &r {
             Ok((_, k)) => (k.clone(), Ok(())),
             Err(e) => (key_hint.map(|k| (k.to_owned(), None)), Err(e)),
