@@ -53,8 +53,20 @@ mod imp {
     pub struct RadosRecords {
         cfg: ClusterConfig,
         pool: String,
-        io: Mutex<Option<IoCtx>>,
+        io: Mutex<Session>,
     }
+
+    /// The connected ioctx, or when and why connecting last failed.
+    #[derive(Default)]
+    struct Session {
+        io: Option<IoCtx>,
+        failed: Option<(std::time::Instant, String)>,
+    }
+
+    /// After a failed connect, calls fail at once for this long instead of each waiting out
+    /// the connect timeout again (a start-up re-attaching many volumes with the cluster down
+    /// would otherwise wait that long per volume).
+    const RECONNECT_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
     impl RadosRecords {
         /// Nothing is connected yet (a cluster down at start does not stop the daemon).
@@ -66,7 +78,7 @@ mod imp {
             RadosRecords {
                 cfg,
                 pool: c.pool.clone(),
-                io: Mutex::new(None),
+                io: Mutex::new(Session::default()),
             }
         }
 
@@ -82,18 +94,36 @@ mod imp {
             f: impl FnOnce(&IoCtx) -> std::io::Result<T>,
         ) -> Result<T, KmsError> {
             let mut g = self.io.lock().unwrap_or_else(|e| e.into_inner());
-            if g.is_none() {
-                let io = Cluster::connect(&self.cfg)
-                    .and_then(|c| c.ioctx(&self.pool))
-                    .map_err(|e| self.err("connecting", e))?;
-                tracing::info!(records = %self.describe(), "key records: connected");
-                *g = Some(io);
+            if g.io.is_none() {
+                if let Some((at, why)) = &g.failed
+                    && at.elapsed() < RECONNECT_AFTER
+                {
+                    return Err(KmsError::Records(format!(
+                        "{} (connecting, {} s ago): {why}; retried after {} s",
+                        self.describe(),
+                        at.elapsed().as_secs(),
+                        RECONNECT_AFTER.as_secs()
+                    )));
+                }
+                match Cluster::connect(&self.cfg).and_then(|c| c.ioctx(&self.pool)) {
+                    Ok(io) => {
+                        tracing::info!(records = %self.describe(), "key records: connected");
+                        *g = Session {
+                            io: Some(io),
+                            failed: None,
+                        };
+                    }
+                    Err(e) => {
+                        g.failed = Some((std::time::Instant::now(), e.to_string()));
+                        return Err(self.err("connecting", e));
+                    }
+                }
             }
-            let io = g
-                .as_ref()
-                .ok_or_else(|| KmsError::Internal("no ioctx".into()))?;
+            let io =
+                g.io.as_ref()
+                    .ok_or_else(|| KmsError::Internal("no ioctx".into()))?;
             f(io).map_err(|e| {
-                *g = None;
+                g.io = None;
                 self.err(what, e)
             })
         }
