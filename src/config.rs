@@ -96,6 +96,18 @@ struct RawKms {
     token_label: Option<String>,
     pin_file: Option<PathBuf>,
     pin_credential: Option<String>,
+    store: Option<String>,
+    host_id: Option<String>,
+}
+
+/// `[kms] store`: where the key records live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KmsStore {
+    /// `keys.json` in the state dir, sealed per host (default).
+    #[default]
+    File,
+    /// One RADOS object in the `[ceph]` pool, shared by every host with the root key.
+    Rados,
 }
 
 /// `[kms] custody`: where CMK material lives (SPEC §8).
@@ -173,6 +185,10 @@ pub struct Config {
     /// `[metrics] listen`: Prometheus metrics over plain HTTP on this loopback address.
     pub metrics_listen: Option<SocketAddr>,
     pub custody: CustodyConfig,
+    /// `[kms] store`.
+    pub kms_store: KmsStore,
+    /// `[kms] host_id`: the host named in audit records (default: the host name).
+    pub host_id: Option<String>,
 }
 
 /// `[ceph]`: how to reach the cluster (SPEC §8).
@@ -485,6 +501,42 @@ impl Config {
                 })
             }
         };
+        let kms_store = match raw.kms.store.as_deref() {
+            // SPEC §8 names it "local"; "file" matches [kms] custody and [volumes] store.
+            None | Some("file" | "local") => KmsStore::File,
+            Some("rados") if ceph.is_none() => {
+                return Err(err(
+                    "kms.store",
+                    "\"rados\" keeps the key records in the [ceph] pool: it needs a [ceph] section"
+                        .into(),
+                ));
+            }
+            Some("rados") => KmsStore::Rados,
+            Some(other) => {
+                return Err(err(
+                    "kms.store",
+                    format!("{other:?}: must be \"file\" or \"rados\""),
+                ));
+            }
+        };
+        if kms_store == KmsStore::Rados && raw.kms.sealing_key_file.is_some() {
+            return Err(err(
+                "kms.sealing_key_file",
+                "has no use with store = \"rados\" (shared records are sealed under a key \
+                 derived from the root key)"
+                    .into(),
+            ));
+        }
+        let host_id = raw.kms.host_id.clone();
+        if let Some(h) = &host_id
+            && (h.is_empty()
+                || h.len() > 64
+                || !h
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c)))
+        {
+            return Err(err("kms.host_id", format!("{h:?}: 1-64 of [A-Za-z0-9._-]")));
+        }
         let default_store = match raw.volumes.store.as_deref() {
             None => StoreKind::File,
             Some(s) => StoreKind::parse(s).ok_or_else(|| {
@@ -562,6 +614,8 @@ impl Config {
             default_store,
             metrics_listen,
             custody,
+            kms_store,
+            host_id,
             state_dir: raw.state_dir,
         })
     }
@@ -671,6 +725,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains(": tls.allowed_clients.-v: "), "{e}");
+    }
+
+    #[test]
+    fn kms_store() {
+        const BASE: &str = "state_dir = \"/x\"\n";
+        const CEPH: &str = "[ceph]\nconf = \"/c\"\nclient = \"a\"\n";
+        let c = parse(BASE).unwrap();
+        assert_eq!((c.kms_store, c.host_id), (KmsStore::File, None));
+        for v in ["file", "local"] {
+            let c = parse(&format!("{BASE}[kms]\nstore = \"{v}\"\n")).unwrap();
+            assert_eq!(c.kms_store, KmsStore::File);
+        }
+        let c = parse(&format!(
+            "{BASE}{CEPH}[kms]\nstore = \"rados\"\nhost_id = \"h-1.a\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.kms_store, KmsStore::Rados);
+        assert_eq!(c.host_id.as_deref(), Some("h-1.a"));
+        for (extra, key, why) in [
+            ("store = \"rados\"", "kms.store", "needs a [ceph] section"),
+            (
+                "store = \"s3\"",
+                "kms.store",
+                "must be \"file\" or \"rados\"",
+            ),
+            ("host_id = \"a b\"", "kms.host_id", "1-64"),
+            ("host_id = \"\"", "kms.host_id", "1-64"),
+        ] {
+            let e = parse(&format!("{BASE}[kms]\n{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{key}: ")) && e.contains(why), "{e}");
+        }
+        let e = parse(&format!(
+            "{BASE}{CEPH}[kms]\nstore = \"rados\"\nsealing_key_file = \"/s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("kms.sealing_key_file") && e.contains("no use"),
+            "{e}"
+        );
     }
 
     #[test]

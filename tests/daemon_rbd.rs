@@ -1,8 +1,8 @@
 //! RBD volumes through the real daemon, two "hosts" on one throwaway cluster
 //! (tests/ceph/micro-ceph.sh): two daemons with their own state dirs and sockets, cephx users
-//! cryptvol-a and cryptvol-b, the same root key. Key records are still per host, so host B
-//! gets a copy of A's `kms/` made after the key was created on A (a stand-in until key records
-//! live in RADOS). Real clients only: the CLI, qemu-io, nbdcopy, `rbd export`, and Python
+//! cryptvol-a and cryptvol-b, the same root key. These hosts keep the default per-host key
+//! store (`[kms] store = "file"`), so host B gets a copy of A's `kms/` made after the key was
+//! created on A; tests/kms_rados.rs covers shared key records (`store = "rados"`). Real clients only: the CLI, qemu-io, nbdcopy, `rbd export`, and Python
 //! `cryptography` to decrypt what the cluster stores.
 #![cfg(feature = "rbd")]
 

@@ -8,6 +8,7 @@ mod ceph;
 #[cfg(not(feature = "rbd"))]
 #[path = "ceph_stub.rs"]
 mod ceph;
+pub mod ceph_kms;
 pub mod exports;
 mod metrics;
 mod qos;

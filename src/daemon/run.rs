@@ -36,6 +36,10 @@ pub fn init_state_dir(dir: &Path) -> Result<PathBuf, DaemonError> {
 /// both outside the state dir, in the journal).
 fn log_kms_start(kms: &Kms, cfg: &Config) {
     let (sealing, generation) = kms.sealing();
+    if cfg.kms_store == crate::config::KmsStore::Rados {
+        tracing::info!(records = %sealing.display(), "key store: shared key records in RADOS (loaded at each call)");
+        return;
+    }
     tracing::info!(sealing_file = %sealing.display(), generation, "key store open");
     let root_outside = match &cfg.root_key {
         RootKeySource::File(p) => !p.starts_with(&cfg.state_dir),
@@ -129,16 +133,20 @@ impl Running {
         }
         .map_err(|e| e.to_string())?;
         let hsm = open_custody(cfg)?;
-        let kms = Kms::open_with_custody(
-            &cfg.state_dir.join("kms"),
-            root,
-            KmsConfig {
-                min_pending_days: cfg.min_pending_days,
-                max_pending_days: cfg.max_pending_days,
-                sealing_key_file: cfg.sealing_key_file.clone(),
-            },
-            hsm,
-        )
+        let kcfg = KmsConfig {
+            min_pending_days: cfg.min_pending_days,
+            max_pending_days: cfg.max_pending_days,
+            sealing_key_file: cfg.sealing_key_file.clone(),
+            host: cfg.host_id.clone(),
+        };
+        let kms_dir = cfg.state_dir.join("kms");
+        let kms = match (&cfg.kms_store, &cfg.ceph) {
+            (crate::config::KmsStore::Rados, Some(c)) => {
+                let records = super::ceph_kms::records(c)?;
+                Kms::open_shared(&kms_dir, root, kcfg, hsm, records)
+            }
+            _ => Kms::open_with_custody(&kms_dir, root, kcfg, hsm),
+        }
         .map_err(|e| format!("key store: {e}"))?;
         log_kms_start(&kms, cfg);
         let policy = ClientPolicy::new(

@@ -59,6 +59,10 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller_gid: Option<u32>,
     pub caller_pid: i32,
+    /// The host that wrote the record (`[kms] host_id` or the host name): with shared key
+    /// records several hosts act on the same keys, each in its own chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// "ok" or the error code.
     pub result: String,
     /// The previous record's `hash` ("" for the first).
@@ -84,6 +88,7 @@ impl Record {
             caller_uid: self.caller_uid,
             caller_gid: self.caller_gid,
             caller_pid: self.caller_pid,
+            host: None,
             result: self.result.clone(),
             prev: self.prev.clone(),
             hash: String::new(),
@@ -270,12 +275,32 @@ pub struct AuditLog {
     unkeyed_end: u64,
     /// The path was found to name another file (said once in the journal).
     replaced_said: bool,
+    /// Named in every record appended.
+    host: Option<String>,
+}
+
+/// This host's name (`/proc/sys/kernel/hostname`), or "localhost".
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 impl AuditLog {
     /// Opens (or creates) the log, and appends the keyed `openAuditLog` record that continues
     /// the chain (sealing an unkeyed log from before).
     pub fn open(path: &Path, key: AuditKey) -> Result<AuditLog, KmsError> {
+        Self::open_for_host(path, key, None)
+    }
+
+    /// Like [`AuditLog::open`], naming `host` in every record appended.
+    pub fn open_for_host(
+        path: &Path,
+        key: AuditKey,
+        host: Option<String>,
+    ) -> Result<AuditLog, KmsError> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -310,6 +335,7 @@ impl AuditLog {
             seq,
             unkeyed_end: w.report.unkeyed_records,
             replaced_said: false,
+            host,
         };
         log.append(OPEN_OPERATION, Subject::default(), &Caller::DAEMON, "ok")?;
         Ok(log)
@@ -335,6 +361,7 @@ impl AuditLog {
             caller_uid: caller.uid,
             caller_gid: Some(caller.gid),
             caller_pid: caller.pid,
+            host: self.host.clone(),
             result: result.to_owned(),
             prev: self.last_hash.clone(),
             hash: String::new(),
@@ -540,6 +567,7 @@ mod tests {
                 caller_uid: 0,
                 caller_gid: None,
                 caller_pid: if seq == 1 { pid } else { 1 },
+                host: None,
                 result: "ok".into(),
                 prev: prev.clone(),
                 hash: String::new(),

@@ -17,6 +17,7 @@ pub mod audit;
 mod crypto;
 pub mod custody;
 pub mod envelope;
+pub mod records;
 mod root;
 mod sealing;
 mod secret;
@@ -31,6 +32,7 @@ use serde::Serialize;
 
 pub use audit::{AuditHead, AuditKey, AuditReport};
 pub use custody::{Custody, CustodyKind, Pkcs11Custody};
+pub use records::{Conflict, FileRecords, Loaded, RecordStore};
 pub use root::{CREDENTIAL_NAME, RootKey};
 pub use secret::Secret;
 pub use wrap::EncryptionContext;
@@ -60,6 +62,8 @@ pub struct KmsConfig {
     pub max_pending_days: u32,
     /// The sealing file (`[kms] sealing_key_file`); default `<key store dir>/sealing.key`.
     pub sealing_key_file: Option<PathBuf>,
+    /// The host named in every audit record (`[kms] host_id`, else the host name).
+    pub host: Option<String>,
 }
 
 impl Default for KmsConfig {
@@ -68,6 +72,7 @@ impl Default for KmsConfig {
             min_pending_days: 7,
             max_pending_days: 1096,
             sealing_key_file: None,
+            host: None,
         }
     }
 }
@@ -145,6 +150,10 @@ pub enum KmsError {
     /// The PKCS#11 token failed or is unreachable (names the token and the PKCS#11 error).
     #[error("hsm: {0}")]
     Hsm(String),
+    /// Shared key records unreachable or failing (the cluster is down: retry later), or a
+    /// change that kept losing to other hosts' changes.
+    #[error("key records: {0}")]
+    Records(String),
 }
 
 impl KmsError {
@@ -160,6 +169,7 @@ impl KmsError {
             KmsError::RootKey(_) => "KMS.0501",
             KmsError::StoreState(_) => "KMS.0502",
             KmsError::Hsm(_) => "KMS.0503",
+            KmsError::Records(_) => "KMS.0504",
             KmsError::Io(_) | KmsError::Internal(_) => "KMS.0500",
         }
     }
@@ -168,6 +178,7 @@ impl KmsError {
             KmsError::InvalidParameter(_) | KmsError::InvalidCiphertext(_) => 400,
             KmsError::NotFound(_) => 404,
             KmsError::AliasExists(_) | KmsError::KeyState(_) | KmsError::Transition(_) => 409,
+            KmsError::Records(_) => 503,
             _ => 500,
         }
     }
@@ -215,18 +226,54 @@ impl Kms {
         hsm: Option<std::sync::Arc<dyn Custody>>,
     ) -> Result<Kms, KmsError> {
         std::fs::create_dir_all(dir)?;
-        let audit_key = AuditKey::derive(&root);
         let sealing = cfg
             .sealing_key_file
             .clone()
             .unwrap_or_else(|| dir.join(sealing::SEALING_FILE));
+        let audit_key = AuditKey::derive(&root);
         let store = Store::open(dir, root, &sealing, hsm)?;
-        let audit = audit::AuditLog::open(&dir.join("audit.jsonl"), audit_key)?;
+        Self::finish_open(dir, store, audit_key, cfg)
+    }
+
+    /// Like [`Kms::open_with_custody`], with the key records in a shared [`RecordStore`]
+    /// (`[kms] store = "rados"`): material sealed under a key derived from the root key, so
+    /// every host with the same root key (or the same token) opens them; the audit log stays
+    /// in `dir`. The records are not read here: a store that is unreachable at start-up makes
+    /// the KMS calls fail (`KMS.0504`) until it is back, it does not stop the daemon.
+    pub fn open_shared(
+        dir: &Path,
+        root: RootKey,
+        cfg: KmsConfig,
+        hsm: Option<std::sync::Arc<dyn Custody>>,
+        records: std::sync::Arc<dyn RecordStore>,
+    ) -> Result<Kms, KmsError> {
+        std::fs::create_dir_all(dir)?;
+        let audit_key = AuditKey::derive(&root);
+        let store = Store::open_shared(dir, root, records, hsm)?;
+        Self::finish_open(dir, store, audit_key, cfg)
+    }
+
+    fn finish_open(
+        dir: &Path,
+        store: Store,
+        audit_key: AuditKey,
+        cfg: KmsConfig,
+    ) -> Result<Kms, KmsError> {
+        let host = cfg.host.clone().unwrap_or_else(audit::hostname);
+        let audit =
+            audit::AuditLog::open_for_host(&dir.join("audit.jsonl"), audit_key, Some(host))?;
         let kms = Kms {
             inner: Mutex::new(Inner { store, audit }),
             cfg,
         };
-        kms.sweep_deletions()?;
+        match kms.sweep_deletions() {
+            Ok(_) => {}
+            // Shared records unreachable: every call says so until they are back.
+            Err(e @ KmsError::Records(_)) => {
+                tracing::warn!(error = %e, "key records unreachable at start; KMS calls fail with KMS.0504 until they are back");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(kms)
     }
 
@@ -245,9 +292,15 @@ impl Kms {
     ) -> Result<T, KmsError> {
         let mut g = self.lock();
         let now = now_ms();
-        let gone = g.store.sweep(now)?;
-        audit_destroyed(&mut g, &gone)?;
-        let r = f(&mut g);
+        // The sweep also (re)loads shared key records: a failure there (cluster down,
+        // rolled-back records) fails the call, audited like any other failure.
+        let r = match g.store.sweep(now) {
+            Ok(gone) => {
+                audit_destroyed(&mut g, &gone)?;
+                f(&mut g)
+            }
+            Err(e) => Err(e),
+        };
         let (key, res) = match &r {
             Ok((_, k)) => (k.clone(), Ok(())),
             Err(e) => (key_hint.map(|k| (k.to_owned(), None)), Err(e)),
@@ -371,7 +424,7 @@ impl Kms {
         c: &Caller,
         operation: &str,
         key: &str,
-        f: impl FnOnce(&mut KeyRecord, u64) -> Result<(), KmsError>,
+        f: impl Fn(&mut KeyRecord, u64) -> Result<(), KmsError>,
     ) -> Result<KeyMetadata, KmsError> {
         self.op(
             c,

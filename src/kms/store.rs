@@ -20,6 +20,17 @@
 //! pkcs11-custody record's entries are token object labels, carried through commits as they
 //! are (never opened), and its `legacy` entries (file material kept during `key
 //! import-to-hsm`) are re-sealed like file material.
+//!
+//! **Shared records** (`[kms] store = "rados"`, a [`RecordStore`] that is `shared()`): every
+//! host with the root key must open the records, so there is no per-host sealing file.
+//! Material is sealed under a key derived from the root key (HKDF, [`SHARED_SEALING_INFO`],
+//! salt = the record set's store id), the record set is format 3, and its verifier binds the
+//! generation and a SHA-256 of all records (nothing can be spliced in or edited). Every
+//! operation reloads the records first; every change is a compare-and-swap on the store's
+//! version, reloaded and re-applied on a conflict ([`MAX_ATTEMPTS`]). Rollback check: the
+//! generation (a counter inside the sealed record set) must never go down below what this host
+//! has seen (`records.seen` in the key store dir). The RADOS object version cannot serve
+//! for that: writing old bytes back (`rados put`) gives the object a *new, higher* version.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +41,7 @@ use uuid::Uuid;
 
 use super::crypto;
 use super::custody::{Custody, CustodyKind, FileCustody, material_aad};
+use super::records::{Conflict, FileRecords, RecordStore};
 use super::root::RootKey;
 use super::sealing::{
     NextKey, Sealer, SealingFile, open_hex, read_json, seal_hex, sealing_aad, write_json,
@@ -38,7 +50,15 @@ use super::secret::Secret;
 use super::wrap::{self, EncryptionContext};
 use super::{KeyMetadata, KeyState, KmsError};
 
-const FILE: &str = "keys.json";
+#[cfg(test)]
+const FILE: &str = super::records::KEYS_FILE;
+/// HKDF info of the shared records' sealing key (versioned: a new scheme gets a new label).
+pub const SHARED_SEALING_INFO: &[u8] = b"cryptvol shared key records sealing v1";
+const SHARED_VERIFIER_AAD: &[u8] = b"cryptvol shared key records verifier v1";
+/// Compare-and-swap attempts of one change before giving up (`KMS.0504`).
+pub const MAX_ATTEMPTS: u32 = 32;
+/// This host's highest seen generation of shared records.
+const SEEN_FILE: &str = "records.seen";
 const VERIFIER_AAD: &[u8] = b"cryptvol root key verifier v1";
 const VERIFIER_AAD_V2: &[u8] = b"cryptvol key store verifier v2";
 
@@ -118,7 +138,6 @@ impl KeyRecord {
 }
 
 pub struct Store {
-    dir: PathBuf,
     root: RootKey,
     sealing_path: PathBuf,
     store_id: Uuid,
@@ -126,6 +145,27 @@ pub struct Store {
     keys: Vec<KeyRecord>,
     /// PKCS#11 custody when configured: new keys go there.
     hsm: Option<Arc<dyn Custody>>,
+    /// Where the record set is kept.
+    records: Arc<dyn RecordStore>,
+    /// The version of the record set `keys` came from (`None`: none written yet).
+    version: Option<u64>,
+    /// Shared records: this host's rollback check.
+    shared: Option<Shared>,
+}
+
+/// The highest shared record set this host has opened (`records.seen`).
+#[derive(Default, Clone, Serialize, Deserialize)]
+struct Seen {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store_id: Option<Uuid>,
+    generation: u64,
+}
+
+struct Shared {
+    seen_path: PathBuf,
+    seen: Seen,
+    /// Whether `keys` holds a record set read from the store (false until the first load).
+    loaded: bool,
 }
 
 /// The custody of one record for one call: file custody under the current sealing key, or
@@ -163,6 +203,21 @@ fn reseal(
     Ok(())
 }
 
+/// The shared verifier's AAD: store id, generation and SHA-256 of the records as serialised,
+/// so the verifier opens only for exactly this record set.
+fn shared_verifier_aad(
+    store_id: Uuid,
+    generation: u64,
+    keys: &[KeyRecord],
+) -> Result<Vec<u8>, KmsError> {
+    let body = serde_json::to_vec(keys).map_err(|e| KmsError::Internal(e.to_string()))?;
+    let mut a = SHARED_VERIFIER_AAD.to_vec();
+    a.extend_from_slice(store_id.as_bytes());
+    a.extend_from_slice(&generation.to_be_bytes());
+    a.extend_from_slice(&crypto::sha256(&body));
+    Ok(a)
+}
+
 fn verifier_aad(store_id: Uuid, generation: u64) -> Vec<u8> {
     let mut a = VERIFIER_AAD_V2.to_vec();
     a.extend_from_slice(store_id.as_bytes());
@@ -181,8 +236,14 @@ impl Store {
         sealing_path: &Path,
         hsm: Option<Arc<dyn Custody>>,
     ) -> Result<Store, KmsError> {
-        let path = dir.join(FILE);
-        let disk: Option<OnDisk> = read_json(&path)?;
+        let records = Arc::new(FileRecords::new(dir));
+        let path = PathBuf::from(records.describe());
+        let loaded = records.load()?;
+        let version = loaded.as_ref().map(|l| l.version);
+        let disk: Option<OnDisk> = loaded
+            .map(|l| serde_json::from_slice(&l.bytes))
+            .transpose()
+            .map_err(|e| KmsError::Internal(format!("{} is corrupt: {e}", path.display())))?;
         let sealing: Option<SealingFile> = read_json(sealing_path)?;
         let (k, sp) = (path.display(), sealing_path.display());
         let rollback = |kgen: u64, sgen: u64| {
@@ -193,7 +254,6 @@ impl Store {
             ))
         };
         let mut store = Store {
-            dir: dir.to_owned(),
             root,
             sealing_path: sealing_path.to_owned(),
             store_id: Uuid::new_v4(),
@@ -204,6 +264,9 @@ impl Store {
             },
             keys: Vec::new(),
             hsm,
+            records,
+            version,
+            shared: None,
         };
         let Some(d) = disk else {
             match sealing {
@@ -218,7 +281,7 @@ impl Store {
                     )));
                 }
             }
-            store.commit(Vec::new())?;
+            store.commit_file(Vec::new())?;
             return Ok(store);
         };
         if d.format == 1 {
@@ -236,7 +299,7 @@ impl Store {
             }
             store.sealer.key = LockedBox::new(*store.root.0);
             tracing::info!(file = %k, sealing_file = %sp, "re-sealing a format 1 key store under a sealing key");
-            store.commit(d.keys)?;
+            store.commit_file(d.keys)?;
             return Ok(store);
         }
         if d.format != 2 {
@@ -329,7 +392,10 @@ impl Store {
     /// Adopts `keys` as the new state: re-sealed under a fresh sealing key of the next
     /// generation (module doc: three steps, each crash-safe), the old sealing key destroyed.
     /// A failure before keys.json is written changes nothing.
-    fn commit(&mut self, keys: Vec<KeyRecord>) -> Result<(), KmsError> {
+    fn commit(&mut self, keys: Vec<KeyRecord>) -> Result<Result<(), Conflict>, KmsError> {
+        if self.shared.is_some() {
+            return self.commit_shared(keys);
+        }
         let generation = self.sealer.generation + 1;
         let mut sk = LockedBox::<[u8; 32]>::zeroed();
         crypto::random(&mut sk[..])?;
@@ -354,18 +420,226 @@ impl Store {
             verifier: seal_hex(&sk, &verifier_aad(self.store_id, generation), &[0u8; 32])?,
             keys: resealed,
         };
+        let bytes = serde_json::to_vec_pretty(&d).map_err(|e| KmsError::Internal(e.to_string()))?;
         self.write_sealing(Some(NextKey {
             generation,
             key: sealed_sk.clone(),
         }))?;
-        write_json(&self.dir.join(FILE), &d)?;
+        // One writer (the state dir lock): a conflict means keys.json changed under us.
+        self.version = Some(self.records.write(&bytes, self.version)?.map_err(|_| {
+            KmsError::StoreState(format!(
+                "{} changed while the daemon had it open",
+                self.records.describe()
+            ))
+        })?);
         self.sealer = Sealer {
             generation,
             key: sk,
             sealed: Some(sealed_sk),
         };
         self.keys = d.keys;
-        self.write_sealing(None)
+        self.write_sealing(None)?;
+        Ok(Ok(()))
+    }
+
+    /// A commit at open (file records: one writer, no conflict but an error).
+    fn commit_file(&mut self, keys: Vec<KeyRecord>) -> Result<(), KmsError> {
+        self.commit(keys)?.map_err(|_| {
+            KmsError::StoreState(format!("{} changed under us", self.records.describe()))
+        })
+    }
+
+    /// Applies `f` to the records and commits; with shared records, on a conflict (another
+    /// host changed them first) reloads and applies `f` again, at most [`MAX_ATTEMPTS`] times.
+    /// `f` sees the store (for custody) and the records it changes.
+    fn change<T>(
+        &mut self,
+        mut f: impl FnMut(&Store, &mut Vec<KeyRecord>) -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                // Spread the retries of hosts that collide again and again.
+                let mut r = [0u8; 1];
+                crypto::random(&mut r)?;
+                std::thread::sleep(std::time::Duration::from_millis(
+                    u64::from(attempt.min(8)) * (1 + u64::from(r[0] % 8)),
+                ));
+                self.refresh()?;
+            }
+            let mut keys = self.keys.clone();
+            let t = f(self, &mut keys)?;
+            if self.commit(keys)?.is_ok() {
+                return Ok(t);
+            }
+            tracing::debug!(attempt, records = %self.records.describe(), "key records changed by another host; retrying");
+        }
+        Err(KmsError::Records(format!(
+            "{}: {MAX_ATTEMPTS} attempts lost to concurrent changes; retry",
+            self.records.describe()
+        )))
+    }
+
+    /// Shared records (`[kms] store = "rados"`): nothing is read yet, so a cluster that is
+    /// down at start-up does not stop the daemon; every operation loads first
+    /// ([`Store::refresh`]) and fails with `KMS.0504` while the records are unreachable.
+    pub fn open_shared(
+        dir: &Path,
+        root: RootKey,
+        records: Arc<dyn RecordStore>,
+        hsm: Option<Arc<dyn Custody>>,
+    ) -> Result<Store, KmsError> {
+        let seen_path = dir.join(SEEN_FILE);
+        let seen: Seen = read_json(&seen_path)?.unwrap_or_default();
+        Ok(Store {
+            root,
+            sealing_path: PathBuf::from(records.describe()),
+            store_id: Uuid::nil(),
+            sealer: Sealer {
+                generation: 0,
+                key: LockedBox::zeroed(),
+                sealed: None,
+            },
+            keys: Vec::new(),
+            hsm,
+            records,
+            version: None,
+            shared: Some(Shared {
+                seen_path,
+                seen,
+                loaded: false,
+            }),
+        })
+    }
+
+    /// The sealing key of shared records with store id `id`.
+    fn shared_sealer(&self, id: Uuid, generation: u64) -> Sealer {
+        Sealer {
+            generation,
+            key: crypto::hkdf32(&self.root.0[..], id.as_bytes(), SHARED_SEALING_INFO),
+            sealed: None,
+        }
+    }
+
+    /// Shared records: loads the current record set (creating an empty one if there is none
+    /// and this host never saw one), checks it opens with the root key, is whole, and is not
+    /// older than the newest this host has seen. File records: nothing to do (one writer).
+    pub fn refresh(&mut self) -> Result<(), KmsError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        let seen = sh.seen.clone();
+        let what = self.records.describe();
+        let Some(l) = self.records.load()? else {
+            if seen.generation > 0 {
+                return Err(KmsError::StoreState(format!(
+                    "the key records {what} are missing, but this host has seen generation {}: \
+                     restore them (see docs/key-format.md, \"Shared key records\")",
+                    seen.generation
+                )));
+            }
+            // The first host: an empty record set (exclusive create; a host that races us
+            // and loses loads the winner's).
+            self.store_id = Uuid::new_v4();
+            self.sealer = self.shared_sealer(self.store_id, 0);
+            self.keys = Vec::new();
+            self.version = None;
+            if self.commit_shared(Vec::new())?.is_err() {
+                return self.refresh();
+            }
+            tracing::info!(records = %what, store_id = %self.store_id, "created the shared key records");
+            return Ok(());
+        };
+        let d: OnDisk = serde_json::from_slice(&l.bytes).map_err(|e| {
+            KmsError::StoreState(format!("the key records {what} are corrupt: {e}"))
+        })?;
+        let id = match (d.format, d.store_id) {
+            (3, Some(id)) => id,
+            (f, _) => {
+                return Err(KmsError::StoreState(format!(
+                    "the key records {what} are format {f}, not the shared format 3"
+                )));
+            }
+        };
+        if seen.store_id.is_some_and(|s| s != id) {
+            return Err(KmsError::StoreState(format!(
+                "the key records {what} belong to another key store ({id}) than the one this \
+                 host has used ({}): replaced? restore them, or move {} away to trust them",
+                seen.store_id.unwrap_or_default(),
+                self.shared
+                    .as_ref()
+                    .map(|s| s.seen_path.display().to_string())
+                    .unwrap_or_default()
+            )));
+        }
+        let sealer = self.shared_sealer(id, d.generation);
+        let aad = shared_verifier_aad(id, d.generation, &d.keys)?;
+        if open_hex(&sealer.key, &aad, &d.verifier).is_none() {
+            return Err(KmsError::RootKey(format!(
+                "the key records {what} do not open with this root key (another root key, or \
+                 edited)"
+            )));
+        }
+        if d.generation < seen.generation {
+            return Err(KmsError::StoreState(format!(
+                "the key records {what} are generation {} but this host has seen generation {}: \
+                 they were rolled back to an older copy, which could bring destroyed keys back; \
+                 restore the newest copy",
+                d.generation, seen.generation
+            )));
+        }
+        self.store_id = id;
+        self.sealer = sealer;
+        self.keys = d.keys;
+        self.version = Some(l.version);
+        self.note_seen()
+    }
+
+    /// Records the current generation in `records.seen` when it is newer than the last one.
+    fn note_seen(&mut self) -> Result<(), KmsError> {
+        let (id, generation) = (self.store_id, self.sealer.generation);
+        let Some(sh) = &mut self.shared else {
+            return Ok(());
+        };
+        sh.loaded = true;
+        if sh.seen.store_id == Some(id) && sh.seen.generation >= generation {
+            return Ok(());
+        }
+        let seen = Seen {
+            store_id: Some(id),
+            generation,
+        };
+        write_json(&sh.seen_path, &seen)?;
+        sh.seen = seen;
+        Ok(())
+    }
+
+    /// A change of shared records: generation + 1, same sealing key (derived), written if
+    /// nobody changed the records since they were loaded.
+    fn commit_shared(&mut self, keys: Vec<KeyRecord>) -> Result<Result<(), Conflict>, KmsError> {
+        let generation = self
+            .sealer
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| KmsError::Internal("generation overflow".into()))?;
+        let aad = shared_verifier_aad(self.store_id, generation, &keys)?;
+        let d = OnDisk {
+            format: 3,
+            store_id: Some(self.store_id),
+            generation,
+            verifier: seal_hex(&self.sealer.key, &aad, &[0u8; 32])?,
+            keys,
+        };
+        let bytes = serde_json::to_vec_pretty(&d).map_err(|e| KmsError::Internal(e.to_string()))?;
+        match self.records.write(&bytes, self.version)? {
+            Err(c) => Ok(Err(c)),
+            Ok(v) => {
+                self.version = Some(v);
+                self.sealer.generation = generation;
+                self.keys = d.keys;
+                self.note_seen()?;
+                Ok(Ok(()))
+            }
+        }
     }
 
     /// Where the sealing file is and the store's generation (start-up log, docs).
@@ -399,8 +673,11 @@ impl Store {
         now: u64,
     ) -> Result<KeyRecord, KmsError> {
         let id = Uuid::new_v4();
-        let custody = self.default_custody();
-        let entry = custody.generate_version(id, 1)?;
+        // Material made once; a retry after a conflict only re-checks the alias.
+        let (entry, kind) = {
+            let custody = self.default_custody();
+            (custody.generate_version(id, 1)?, custody.kind())
+        };
         let rec = KeyRecord {
             key_id: id,
             alias: alias.to_owned(),
@@ -410,46 +687,76 @@ impl Store {
             deletion_date: None,
             sealed: vec![entry],
             versions: 1,
-            custody: custody.kind(),
+            custody: kind,
             legacy: Vec::new(),
         };
-        let mut keys = self.keys.clone();
-        keys.push(rec.clone());
-        self.commit(keys)?;
-        Ok(rec)
+        let r = self.change(|_, keys| {
+            if keys.iter().any(|r| r.alias == alias) {
+                return Err(KmsError::AliasExists(alias.to_owned()));
+            }
+            keys.push(rec.clone());
+            Ok(())
+        });
+        if r.is_err() {
+            self.discard(&rec, 1, &rec.sealed[0]);
+        }
+        r.map(|()| rec)
+    }
+
+    /// Destroys material made for a change that was not committed (a token object).
+    fn discard(&self, r: &KeyRecord, version: u32, entry: &str) {
+        if let Err(e) = self
+            .custody(r)
+            .and_then(|c| c.destroy(r.key_id, version, entry))
+        {
+            tracing::warn!(key = %r.key_id, error = %e, "unused key material not destroyed");
+        }
     }
 
     pub fn update(
         &mut self,
         id: Uuid,
-        f: impl FnOnce(&mut KeyRecord) -> Result<(), KmsError>,
+        mut f: impl FnMut(&mut KeyRecord) -> Result<(), KmsError>,
     ) -> Result<KeyMetadata, KmsError> {
-        let mut keys = self.keys.clone();
-        let r = keys
-            .iter_mut()
-            .find(|r| r.key_id == id)
-            .ok_or_else(|| KmsError::NotFound(id.to_string()))?;
-        f(r)?;
-        let meta = r.metadata();
-        self.commit(keys)?;
-        Ok(meta)
+        self.change(|_, keys| {
+            let r = keys
+                .iter_mut()
+                .find(|r| r.key_id == id)
+                .ok_or_else(|| KmsError::NotFound(id.to_string()))?;
+            f(r)?;
+            Ok(r.metadata())
+        })
     }
 
     pub fn add_version(&mut self, id: Uuid) -> Result<KeyMetadata, KmsError> {
-        let entry = {
-            let r = self.find_id(id)?;
-            self.custody(r)?.generate_version(id, r.versions + 1)?
+        // Material for the version number the records have at each attempt; what a lost
+        // attempt made is destroyed.
+        let mut made: Vec<(KeyRecord, u32, String)> = Vec::new();
+        let r = self.change(|s, keys| {
+            let r = keys
+                .iter_mut()
+                .find(|r| r.key_id == id)
+                .ok_or_else(|| KmsError::NotFound(id.to_string()))?;
+            r.usable()?;
+            let v = r
+                .versions
+                .checked_add(1)
+                .ok_or_else(|| KmsError::Internal("version overflow".into()))?;
+            let entry = s.custody(r)?.generate_version(id, v)?;
+            made.push((r.clone(), v, entry.clone()));
+            r.sealed.push(entry);
+            r.versions = v;
+            Ok(r.metadata())
+        });
+        let kept = if r.is_ok() {
+            made.len().saturating_sub(1)
+        } else {
+            made.len()
         };
-        let mut keys = self.keys.clone();
-        let r = keys
-            .iter_mut()
-            .find(|r| r.key_id == id)
-            .ok_or_else(|| KmsError::NotFound(id.to_string()))?;
-        r.sealed.push(entry);
-        r.versions += 1;
-        let meta = r.metadata();
-        self.commit(keys)?;
-        Ok(meta)
+        for (rec, v, e) in &made[..kept] {
+            self.discard(rec, *v, e);
+        }
+        r
     }
 
     /// File custody under the current sealing key.
@@ -594,7 +901,14 @@ impl Store {
             .map(|v| hsm.generate_version(id, v))
             .collect::<Result<Vec<_>, _>>()?;
         self.update(id, |r| {
-            r.legacy = std::mem::replace(&mut r.sealed, entries);
+            // Shared records: another host may have rotated or moved the key meanwhile.
+            if r.custody != CustodyKind::File || r.versions as usize != entries.len() {
+                return Err(KmsError::Transition(format!(
+                    "{} changed on another host during the move; run it again",
+                    r.describe()
+                )));
+            }
+            r.legacy = std::mem::replace(&mut r.sealed, entries.clone());
             r.custody = CustodyKind::Pkcs11;
             Ok(())
         })
@@ -616,6 +930,8 @@ impl Store {
 
     /// Destroys the material of keys past their deletion date.
     pub fn sweep(&mut self, now: u64) -> Result<Vec<String>, KmsError> {
+        // Every operation starts here: shared records are reloaded first.
+        self.refresh()?;
         let due: Vec<Uuid> = self
             .keys
             .iter()
@@ -653,14 +969,21 @@ impl Store {
         if due.is_empty() {
             return Ok(Vec::new());
         }
-        let mut keys = self.keys.clone();
-        for r in keys.iter_mut().filter(|r| due.contains(&r.key_id)) {
-            r.state = KeyState::Destroyed;
-            r.sealed.clear();
-            r.legacy.clear();
-        }
-        self.commit(keys)?;
-        Ok(due.iter().map(Uuid::to_string).collect())
+        // Recorded once: with shared records a host that loses the race to another host's
+        // sweep reloads, finds the keys destroyed already, and reports nothing.
+        self.change(|_, keys| {
+            let mut done = Vec::new();
+            for r in keys
+                .iter_mut()
+                .filter(|r| due.contains(&r.key_id) && r.state == KeyState::PendingDeletion)
+            {
+                r.state = KeyState::Destroyed;
+                r.sealed.clear();
+                r.legacy.clear();
+                done.push(r.key_id.to_string());
+            }
+            Ok(done)
+        })
     }
 }
 
@@ -767,5 +1090,118 @@ mod tests {
         std::fs::remove_file(d.path().join(FILE)).unwrap();
         let e = open(d.path()).err().unwrap().to_string();
         assert!(e.contains("missing"), "{e}");
+    }
+
+    /// Shared records in memory: the same compare-and-swap contract as the RADOS object.
+    #[derive(Default)]
+    struct MemRecords(std::sync::Mutex<Option<(Vec<u8>, u64)>>);
+
+    impl RecordStore for MemRecords {
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+        fn shared(&self) -> bool {
+            true
+        }
+        fn load(&self) -> Result<Option<super::super::records::Loaded>, KmsError> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .clone()
+                .map(|(bytes, version)| super::super::records::Loaded { bytes, version }))
+        }
+        fn write(
+            &self,
+            b: &[u8],
+            expected: Option<u64>,
+        ) -> Result<Result<u64, Conflict>, KmsError> {
+            let mut g = self.0.lock().unwrap();
+            if g.as_ref().map(|x| x.1) != expected {
+                return Ok(Err(Conflict));
+            }
+            let v = g.as_ref().map_or(1, |x| x.1 + 10);
+            *g = Some((b.to_vec(), v));
+            Ok(Ok(v))
+        }
+    }
+
+    fn shared(dir: &Path, r: &Arc<MemRecords>) -> Store {
+        let mut s = Store::open_shared(dir, root(), r.clone(), None).unwrap();
+        s.refresh().unwrap();
+        s
+    }
+
+    #[test]
+    fn shared_records_two_hosts_and_rollback() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let r = Arc::new(MemRecords::default());
+        let mut a = shared(da.path(), &r);
+        let mut b = shared(db.path(), &r);
+        let k = a.create("k", "", 0).unwrap();
+        let ctx = EncryptionContext::default();
+        // B's view is stale until it reloads; its change is then re-applied on top of A's.
+        b.create("kb", "", 0).unwrap();
+        a.refresh().unwrap();
+        assert_eq!(a.keys().len(), 2);
+        let (_, _, blob) = b.wrap("k", b"0123456789abcdef", &ctx).unwrap();
+        let (id, _, plain) = a.unwrap(&blob, &ctx).unwrap();
+        assert_eq!((id, plain.expose()), (k.key_id, &b"0123456789abcdef"[..]));
+        // A and B both rotate from the same stale state: both versions kept.
+        a.add_version(k.key_id).unwrap();
+        b.add_version(k.key_id).unwrap();
+        a.refresh().unwrap();
+        assert_eq!(a.find("k").unwrap().versions, 3);
+        // Alias taken by the other host meanwhile.
+        let e = a.create("kb", "", 0).err().unwrap();
+        assert!(matches!(e, KmsError::AliasExists(_)), "{e}");
+        // Old bytes back at a *higher* store version: refused by generation by the hosts
+        // that saw the newer set.
+        let old = r.load().unwrap().unwrap().bytes;
+        a.create("later", "", 0).unwrap();
+        b.refresh().unwrap();
+        let v = r.load().unwrap().unwrap().version;
+        r.write(&old, Some(v)).unwrap().unwrap();
+        for s in [&mut a, &mut b] {
+            let e = s.refresh().err().unwrap().to_string();
+            assert!(e.contains("rolled back"), "{e}");
+        }
+        // A host that never saw the newer set cannot tell: it takes the old one.
+        let other = tempfile::tempdir().unwrap();
+        assert!(shared(other.path(), &r).find("later").is_err());
+        // An edited record set does not open.
+        let mut cur = old.clone();
+        let at = String::from_utf8_lossy(&cur)
+            .find("\"alias\": \"kb\"")
+            .unwrap();
+        cur[at + 10] = b'x';
+        let v = r.load().unwrap().unwrap().version;
+        r.write(&cur, Some(v)).unwrap().unwrap();
+        let fresh = tempfile::tempdir().unwrap();
+        let mut c = Store::open_shared(fresh.path(), root(), r.clone(), None).unwrap();
+        assert!(matches!(c.refresh(), Err(KmsError::RootKey(_))));
+        // Another root key does not open the records either.
+        let mut c = Store::open_shared(fresh.path(), RootKey::from_bytes([4; 32]), r.clone(), None)
+            .unwrap();
+        assert!(matches!(c.refresh(), Err(KmsError::RootKey(_))));
+    }
+
+    #[test]
+    fn shared_records_concurrent_creates_lose_nothing() {
+        let r = Arc::new(MemRecords::default());
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        std::thread::scope(|sc| {
+            for (h, d) in dirs.iter().enumerate() {
+                let r = r.clone();
+                sc.spawn(move || {
+                    let mut s = shared(d.path(), &r);
+                    for i in 0..10 {
+                        s.create(&format!("h{h}-{i}"), "", 0).unwrap();
+                    }
+                });
+            }
+        });
+        let s = shared(dirs[0].path(), &r);
+        assert_eq!(s.keys().len(), 40);
     }
 }

@@ -12,6 +12,10 @@ use libc::{c_char, c_int, c_void, size_t, ssize_t};
 pub type rados_t = *mut c_void;
 /// `typedef void *rados_ioctx_t;`
 pub type rados_ioctx_t = *mut c_void;
+/// `typedef void *rados_write_op_t;`
+pub type rados_write_op_t = *mut c_void;
+/// `#define LIBRADOS_CREATE_EXCLUSIVE 1` (of `rados_write_op_create`).
+pub const LIBRADOS_CREATE_EXCLUSIVE: c_int = 1;
 /// `typedef void *rbd_image_t;`
 pub type rbd_image_t = *mut c_void;
 /// `typedef void *rbd_image_options_t;`
@@ -65,6 +69,54 @@ unsafe extern "C" {
     ) -> c_int;
     // void rados_ioctx_destroy(rados_ioctx_t io);
     pub fn rados_ioctx_destroy(io: rados_ioctx_t);
+
+    // Whole objects (the shared key records, src/daemon/ceph_kms.rs).
+    // int rados_stat(rados_ioctx_t io, const char *o, uint64_t *psize, time_t *pmtime);
+    pub fn rados_stat(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        psize: *mut u64,
+        pmtime: *mut libc::time_t,
+    ) -> c_int;
+    // int rados_read(rados_ioctx_t io, const char *oid, char *buf, size_t len, uint64_t off);
+    pub fn rados_read(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        buf: *mut c_char,
+        len: size_t,
+        off: u64,
+    ) -> c_int;
+    // uint64_t rados_get_last_version(rados_ioctx_t io);
+    pub fn rados_get_last_version(io: rados_ioctx_t) -> u64;
+    // rados_write_op_t rados_create_write_op(void);
+    pub fn rados_create_write_op() -> rados_write_op_t;
+    // void rados_release_write_op(rados_write_op_t write_op);
+    pub fn rados_release_write_op(write_op: rados_write_op_t);
+    // void rados_write_op_assert_version(rados_write_op_t write_op, uint64_t ver);
+    pub fn rados_write_op_assert_version(write_op: rados_write_op_t, ver: u64);
+    // void rados_write_op_create(rados_write_op_t write_op, int exclusive,
+    //                            const char* category);
+    pub fn rados_write_op_create(
+        write_op: rados_write_op_t,
+        exclusive: c_int,
+        category: *const c_char,
+    );
+    // void rados_write_op_write_full(rados_write_op_t write_op, const char *buffer,
+    //                                size_t len);
+    pub fn rados_write_op_write_full(
+        write_op: rados_write_op_t,
+        buffer: *const c_char,
+        len: size_t,
+    );
+    // int rados_write_op_operate(rados_write_op_t write_op, rados_ioctx_t io, const char *oid,
+    //                            time_t *mtime, int flags);
+    pub fn rados_write_op_operate(
+        write_op: rados_write_op_t,
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        mtime: *mut libc::time_t,
+        flags: c_int,
+    ) -> c_int;
 }
 
 #[link(name = "rbd")]

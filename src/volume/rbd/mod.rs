@@ -36,6 +36,7 @@
 //! fails with `ESHUTDOWN` (librados's `EBLOCKLISTED`).
 
 mod ffi;
+mod object;
 mod store;
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
@@ -46,6 +47,7 @@ use std::ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use object::{ObjectRead, VersionMismatch};
 pub use store::RbdStore;
 
 /// Largest length handed to one librbd call: librbd returns byte counts as `int` internally
