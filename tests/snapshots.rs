@@ -435,6 +435,13 @@ fn delete_rules() {
     env.json(&["volume", "detach", "v@a"]);
     env.json(&["volume", "delete", "v", "--with-snapshots"]);
     assert!(!env.volume_path("v").exists());
+    let log = std::fs::read_to_string(env.state.join("kms/audit.jsonl")).unwrap();
+    for op in ["createSnapshot", "deleteSnapshot"] {
+        assert!(
+            log.lines().any(|l| l.contains(op) && l.contains("v@a")),
+            "{op} v@a not audited: {log}"
+        );
+    }
     assert!(!env.state.join("volumes/v@a.cvol").exists());
     assert_eq!(
         env.json(&["volume", "snapshot", "list"])["snapshots"],
