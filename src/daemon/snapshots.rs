@@ -27,7 +27,7 @@ use super::{Daemon, DaemonError, Loc, TEMP_MARK, VolumeInfo, valid_name, volume_
 use crate::kms::Caller;
 use crate::server::{Qos, QosLimits};
 use crate::volume::snapshot::{
-    CowState, SnapRecord, copy_sparse, pace, reflink, reflink_unsupported,
+    CowState, SnapRecord, copy_sparse, pace, reflink, reflink_range, reflink_unsupported,
 };
 use crate::volume::{BlockStore, CIPHER_NAME, FileStore, Volume, VolumeHeader, XtsKey};
 
@@ -207,36 +207,48 @@ impl Daemon {
             created: now(),
             name: full.clone(),
         };
-        let cow = Arc::new(CowState::new(
-            src.try_clone().map_err(|e| cleanup(e.into()))?,
-            dst.try_clone().map_err(|e| cleanup(e.into()))?,
-            h.data_offset,
-            h.size,
-            !h.encrypt_zeroes(),
-        ));
-        // The point in time. Attached read-write: no write in flight while the file is
-        // reflinked or the copy-before-write state installed.
+        // The snapshot file's header and record first (headers only change under the ops
+        // lock, held). Whether the file system shares blocks: tried on the header copies,
+        // which are rewritten right after with the same bytes.
+        let prepared = (|| -> Result<bool, DaemonError> {
+            let header_len = 2 * crate::volume::header::HEADER_COPY_LEN as u64;
+            let reflinked = match reflink_range(&src, 0, header_len, &dst, 0) {
+                Ok(()) => true,
+                Err(e) if reflink_unsupported(&e) => false,
+                Err(e) => return Err(e.into()),
+            };
+            let store = FileStore::new(dst.try_clone()?);
+            Volume::create_with_store(&store, &h).map_err(Self::vol_err(&full))?;
+            let at = crate::volume::snapshot::record_offset(h.data_offset);
+            store.write_at(&record.encode().map_err(Self::vol_err(&full))?, at)?;
+            Ok(reflinked)
+        })();
+        let reflinked = prepared.map_err(cleanup)?;
+        let method = if reflinked { "reflink" } else { "copy" };
+        let cow = Arc::new(
+            CowState::new(
+                src.try_clone().map_err(|e| cleanup(e.into()))?,
+                dst.try_clone().map_err(|e| cleanup(e.into()))?,
+                h.data_offset,
+                h.size,
+                !h.encrypt_zeroes(),
+                reflinked,
+            )
+            .map_err(|e| cleanup(e.into()))?,
+        );
+        // The point in time. Attached read-write: no write in flight while the
+        // copy-before-write state is installed; every later write copies (or shares) the
+        // chunks it changes into the snapshot first.
         let writer = self.exports.get(name).filter(|a| !a.read_only);
-        let take = || match reflink(&src, &dst) {
-            Ok(()) => Ok(true),
-            Err(e) if reflink_unsupported(&e) => {
-                if let Some(a) = &writer {
-                    a.backend.0.cow().install(cow.clone());
-                }
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        };
         let t0 = Instant::now();
-        let took = match &writer {
-            Some(a) => a.backend.0.quiesce(take),
-            None => take(),
-        };
+        if let Some(a) = &writer {
+            a.backend
+                .0
+                .quiesce(|| a.backend.0.cow().install(cow.clone()));
+        }
         let pause_us = writer
             .as_ref()
             .map_or(0, |_| t0.elapsed().as_micros() as u64);
-        let reflinked = took.map_err(|e| cleanup(e.into()))?;
-        let method = if reflinked { "reflink" } else { "copy" };
         tracing::info!(
             volume = name,
             snapshot = snap,
@@ -253,30 +265,6 @@ impl Daemon {
             created: record.created,
             method: method.into(),
         };
-        // The snapshot file's own header and record (the copy path writes them now; writers
-        // may already be copying chunks of the data area into it).
-        let prepared = (|| -> Result<(), DaemonError> {
-            let store = FileStore::new(dst.try_clone()?);
-            if !reflinked {
-                Volume::create_with_store(&store, &h).map_err(Self::vol_err(&full))?;
-            }
-            let at = crate::volume::snapshot::record_offset(h.data_offset);
-            store.write_at(&record.encode().map_err(Self::vol_err(&full))?, at)?;
-            Ok(())
-        })();
-        if let Err(e) = prepared {
-            if let Some(a) = &writer {
-                a.backend.0.cow().remove(&cow);
-            }
-            return Err(cleanup(e));
-        }
-        if reflinked {
-            dst.sync_all().map_err(|e| cleanup(e.into()))?;
-            self.commit_snapshot(&full, &tmp, reg)?;
-            let mut info = self.snapshot_info_locked(&full)?;
-            info.pause_us = Some(pause_us);
-            return Ok(info);
-        }
         let job = Arc::new(Job {
             volume: name.to_owned(),
             cow: cow.clone(),

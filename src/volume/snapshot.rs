@@ -1,19 +1,21 @@
 //! Point-in-time snapshots of a volume file while it is written.
 //!
 //! ```text
-//!  quiesce (all stripe locks of the Volume held exclusively, a few ms at most):
-//!    reflink: FICLONE(snapshot file <- volume file)   O(1); done
-//!    copy:    install a CowState in the Volume's CowSlot; release
-//!  copy path, after the quiesce:
+//!  quiesce (all stripe locks of the Volume held exclusively: microseconds):
+//!    install a CowState in the Volume's CowSlot; release
+//!  after the quiesce:
 //!    writer (stripe locks held) ─▶ CowSlot::before_write ─▶ chunk not copied yet?
 //!                                  copy its old ciphertext into the snapshot file first
 //!    copier thread ──────────────▶ every chunk with data not copied yet (holes skipped)
+//!  "copy" a chunk: FICLONERANGE where the file system shares blocks (XFS, btrfs: reflink
+//!  path, no data moves), else read + write of its data extents (copy path).
 //! ```
 //! A chunk ([`CHUNK`] bytes of the data area) is copied once, under its own lock, by
 //! whoever comes first; its bit in the bitmap says it is done. The snapshot file is built
 //! under a temporary name and renamed by the daemon once the copy is complete and synced.
 //! Copies are of ciphertext: the XTS tweak is the unit number, so a snapshot (and a clone)
-//! decrypts with the same DEK. Snapshot files carry a [`SnapRecord`] in the last 4 KiB
+//! decrypts with the same DEK. A whole-file FICLONE inside the quiesce was tried first: XFS
+//! writes the dirty pages back and walks every extent in the call, seconds under load. Snapshot files carry a [`SnapRecord`] in the last 4 KiB
 //! before the data area (after the two header copies, far from them).
 
 use std::fs::File;
@@ -115,6 +117,18 @@ pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
     sys::ficlone(src, dst)
 }
 
+/// `ioctl(FICLONERANGE)`: `len` bytes of `src` at `src_off` shared into `dst` at `dst_off`
+/// (offsets and length block-aligned, or the range reaching the end of `src`).
+pub fn reflink_range(
+    src: &File,
+    src_off: u64,
+    len: u64,
+    dst: &File,
+    dst_off: u64,
+) -> io::Result<()> {
+    sys::ficlonerange(src, src_off, len, dst, dst_off)
+}
+
 /// Whether a [`reflink`] error means "cannot here, copy instead".
 pub fn reflink_unsupported(e: &io::Error) -> bool {
     matches!(
@@ -174,6 +188,8 @@ pub fn copy_sparse(
 pub struct CowState {
     src: FileStore,
     dst: FileStore,
+    /// `Some`: chunks are shared with FICLONERANGE (XFS, btrfs), not copied.
+    reflink: Option<(File, File)>,
     data_offset: u64,
     size: u64,
     thin: bool,
@@ -191,13 +207,26 @@ pub struct CowState {
 
 impl CowState {
     /// `src`: the volume file (read); `dst`: the snapshot file, sized, header and record
-    /// written.
-    pub fn new(src: File, dst: File, data_offset: u64, size: u64, thin: bool) -> CowState {
+    /// written. `reflink`: share chunks (FICLONERANGE) instead of copying them.
+    pub fn new(
+        src: File,
+        dst: File,
+        data_offset: u64,
+        size: u64,
+        thin: bool,
+        reflink: bool,
+    ) -> io::Result<CowState> {
         let chunks = size.div_ceil(CHUNK);
         let words = usize::try_from(chunks.div_ceil(64)).unwrap_or(usize::MAX);
-        CowState {
+        let reflink = if reflink {
+            Some((src.try_clone()?, dst.try_clone()?))
+        } else {
+            None
+        };
+        Ok(CowState {
             src: FileStore::new(src),
             dst: FileStore::new(dst),
+            reflink,
             data_offset,
             size,
             thin,
@@ -208,7 +237,7 @@ impl CowState {
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
-        }
+        })
     }
 
     fn is_copied(&self, c: u64) -> bool {
@@ -228,8 +257,12 @@ impl CowState {
         }
         let from = self.data_offset + c * CHUNK;
         let to = self.data_offset + ((c + 1) * CHUNK).min(self.size);
-        match copy_sparse(&self.src, &self.dst, from, to, self.thin, buf) {
-            Ok(_) => {
+        let done = match &self.reflink {
+            Some((s, d)) => reflink_range(s, from, to - from, d, from),
+            None => copy_sparse(&self.src, &self.dst, from, to, self.thin, buf).map(drop),
+        };
+        match done {
+            Ok(()) => {
                 self.copied[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Release);
                 if by_writer {
                     self.cow_chunks.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +434,41 @@ mod sys {
     /// `_IOW(0x94, 9, int)`.
     const FICLONE: libc::c_ulong = 0x4004_9409;
 
+    /// `_IOW(0x94, 13, struct file_clone_range)`.
+    const FICLONERANGE: libc::c_ulong = 0x4020_940d;
+
+    #[repr(C)]
+    struct FileCloneRange {
+        src_fd: i64,
+        src_offset: u64,
+        src_length: u64,
+        dest_offset: u64,
+    }
+
+    pub fn ficlonerange(
+        src: &File,
+        src_off: u64,
+        len: u64,
+        dst: &File,
+        dst_off: u64,
+    ) -> io::Result<()> {
+        let arg = FileCloneRange {
+            src_fd: i64::from(src.as_raw_fd()),
+            src_offset: src_off,
+            src_length: len,
+            dest_offset: dst_off,
+        };
+        // SAFETY: FICLONERANGE reads one `struct file_clone_range` (the repr(C) `arg`, alive
+        // for the call) and writes no memory of ours; both descriptors are owned by the
+        // borrowed Files for the call.
+        let r = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONERANGE as _, &arg) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     pub fn ficlone(src: &File, dst: &File) -> io::Result<()> {
         // SAFETY: FICLONE takes the source descriptor as its integer argument and reads no
         // memory of ours; both descriptors are owned by the borrowed Files for the call.
@@ -458,7 +526,7 @@ mod tests {
         dst.set_len(4096 + size).unwrap();
         let s = FileStore::new(src.try_clone().unwrap());
         s.write_at(&[1u8; 4096], 4096 + CHUNK).unwrap();
-        let cow = CowState::new(src, dst.try_clone().unwrap(), 4096, size, true);
+        let cow = CowState::new(src, dst.try_clone().unwrap(), 4096, size, true, false).unwrap();
         cow.before_write(CHUNK + 100, 10);
         s.write_at(&[2u8; 4096], 4096 + CHUNK).unwrap();
         cow.run_copy(0).unwrap();
