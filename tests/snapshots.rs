@@ -259,7 +259,7 @@ fn bench_verify_runs_clean_across_a_copy_snapshot() {
 struct XfsMount(PathBuf);
 impl Drop for XfsMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

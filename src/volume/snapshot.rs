@@ -15,8 +15,9 @@
 //! under a temporary name and renamed by the daemon once the copy is complete and synced.
 //! Copies are of ciphertext: the XTS tweak is the unit number, so a snapshot (and a clone)
 //! decrypts with the same DEK. A whole-file FICLONE inside the quiesce was tried first: XFS
-//! writes the dirty pages back and walks every extent in the call, seconds under load. Snapshot files carry a [`SnapRecord`] in the last 4 KiB
-//! before the data area (after the two header copies, far from them).
+//! writes the dirty pages back and walks every extent in the call, seconds under load.
+//! Snapshot files carry a [`SnapRecord`] in the last 4 KiB before the data area (after the
+//! two header copies, far from them).
 
 use std::fs::File;
 use std::io;
