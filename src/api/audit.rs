@@ -1,5 +1,6 @@
 //! Audit records for the volume routes: every state-changing volume call (create, import,
-//! attach, detach, resize, rewrap, delete) is recorded with the operation, the volume, the
+//! attach, detach, resize, rewrap, delete, snapshot create and delete; export, which
+//! decrypts) is recorded with the operation, the volume, the
 //! result (`ok` or the error code) and the caller, successes and refusals alike. KMS
 //! operations are audited by the key manager itself (`kms_ops`).
 
@@ -22,6 +23,13 @@ pub fn volume_op(method: &Method, path: &str) -> Option<(&'static str, Option<St
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let op = match (method, parts.as_slice()) {
         (&Method::POST, ["v1", "volumes"]) => return Some(("createVolume", None)),
+        // The snapshot's name is in the body: the route names it.
+        (&Method::POST, ["v1", "volumes", _, "snapshots"]) => {
+            return Some(("createSnapshot", None));
+        }
+        (&Method::DELETE, ["v1", "volumes", v, "snapshots", s]) => {
+            return Some(("deleteSnapshot", Some(format!("{v}@{s}"))));
+        }
         (&Method::DELETE, ["v1", "volumes", _]) => "deleteVolume",
         (&Method::POST, ["v1", "volumes", _, action]) => match *action {
             "import" => "importVolume",

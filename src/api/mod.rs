@@ -6,7 +6,9 @@
 
 mod audit;
 mod auth;
+pub mod export;
 mod kms_ops;
+mod snapshots;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -70,15 +72,22 @@ impl From<crate::kms::KmsError> for ApiError {
     }
 }
 
-fn respond(status: u16, v: &Value) -> Response<Full<Bytes>> {
+/// Every answer's body: a JSON document, or (export) a stream.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+fn respond(status: u16, v: &Value) -> Response<Body> {
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(v.to_string())))
+        .body(full(Bytes::from(v.to_string())))
         .expect("static response parts")
 }
 
-fn error_response(e: ApiError) -> Response<Full<Bytes>> {
+fn error_response(e: ApiError) -> Response<Body> {
     respond(
         e.status,
         &json!({"error": {"error_code": e.code, "error_msg": e.msg}}),
@@ -148,7 +157,14 @@ pub async fn serve(
                         }));
                     }
                     if req.method() == Method::GET && req.uri().path() == "/metrics" {
-                        return Ok(metrics_response(&daemon));
+                        return Ok(metrics_response(&daemon)
+                            .map(|b| b.map_err(|never| match never {}).boxed()));
+                    }
+                    if let Some(name) = snapshots::export_target(req.method(), req.uri().path()) {
+                        // A stream, not a JSON document.
+                        return Ok(snapshots::export(daemon, caller, name)
+                            .await
+                            .unwrap_or_else(error_response));
                     }
                     let vol_op = volume_op(req.method(), req.uri().path());
                     let r = route(req, daemon, caller).await;
@@ -286,6 +302,9 @@ async fn route_inner(
     let query = req.uri().query().unwrap_or("").to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
+    if snapshots::matches(&method, &parts) {
+        return snapshots::route(req, d, named).await;
+    }
     match (method, parts.as_slice()) {
         (Method::GET, ["v1", "health"]) => Ok(json!({"status": "ok"})),
         (Method::POST, ["v1", "kms", "import-key-to-hsm"]) => {
@@ -349,6 +368,20 @@ async fn route_inner(
                 .ok_or_else(|| ApiError::bad("name is required"))?
                 .to_owned();
             *named = Some(name.clone());
+            if let Some(from) = str_field(&b, "from_snapshot")?.map(str::to_owned) {
+                let key = str_field(&b, "key_id")?.map(str::to_owned);
+                let rate = num_field(&b, "max_rate")?.unwrap_or(0);
+                return blocking(move || {
+                    Ok(json!(d.create_from_snapshot(
+                        &c,
+                        &name,
+                        &from,
+                        key.as_deref(),
+                        rate
+                    )?))
+                })
+                .await;
+            }
             let size = num_field(&b, "size")?.ok_or_else(|| ApiError::bad("size is required"))?;
             let sector = match num_field(&b, "sector_size")? {
                 None => 4096,
@@ -388,8 +421,9 @@ async fn route_inner(
         }
         (Method::DELETE, ["v1", "volumes", name]) => {
             let name = name.to_string();
+            let with_snapshots = query.split('&').any(|kv| kv == "with_snapshots=true");
             blocking(move || {
-                d.delete(&name)?;
+                d.delete_with(&name, with_snapshots)?;
                 Ok(json!({"deleted": name}))
             })
             .await

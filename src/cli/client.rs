@@ -6,7 +6,7 @@ use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper::body::Frame;
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
@@ -81,4 +81,35 @@ where
         return Err(anyhow!("{msg} ({code})"));
     }
     Ok(v)
+}
+
+/// `GET` of a streamed answer (volume export): the response, its status checked (an error
+/// answer is JSON and becomes an error with the API's message).
+pub async fn get_stream(socket: &Path, path: &str) -> Result<hyper::Response<Incoming>> {
+    let req = Request::builder()
+        .method("GET")
+        .uri(path)
+        .header("host", "cryptvol")
+        .body(Full::new(Bytes::new()))?;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the daemon at {} (is `cryptvol serve` running?)",
+                socket.display()
+            )
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await?;
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|_| anyhow!("daemon answered {status} with a non-JSON body"))?;
+    let msg = v["error"]["error_msg"].as_str().unwrap_or("unknown error");
+    let code = v["error"]["error_code"].as_str().unwrap_or("?");
+    Err(anyhow!("{msg} ({code})"))
 }

@@ -4,6 +4,7 @@
 mod audit;
 mod client;
 mod output;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -168,8 +169,15 @@ enum VolumeCmd {
     /// Create an encrypted volume (a sparse file) with its own data key
     Create {
         name: String,
-        #[arg(long)]
-        size: String,
+        #[arg(long, required_unless_present = "from_snapshot")]
+        size: Option<String>,
+        /// A copy of snapshot VOLUME@SNAPSHOT, with its own volume id; its data key
+        /// re-wrapped under --key (default: the snapshot's key)
+        #[arg(long, conflicts_with_all = ["size", "encrypt_zeroes", "store", "pool"])]
+        from_snapshot: Option<String>,
+        /// With --from-snapshot: cap on the copy, like 200M per second (0 = unlimited)
+        #[arg(long, requires = "from_snapshot", default_value = "0")]
+        max_rate: String,
         #[arg(long)]
         key: Option<String>,
         #[arg(long, default_value_t = 4096)]
@@ -245,7 +253,21 @@ enum VolumeCmd {
         bandwidth: Option<String>,
     },
     /// Delete a detached volume and its file
-    Delete { name: String },
+    Delete {
+        name: String,
+        /// Delete its snapshots too (refused otherwise while it has any)
+        #[arg(long)]
+        with_snapshots: bool,
+    },
+    /// Snapshots: point-in-time, read-only copies (attach NAME@SNAP --read-only)
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
+    /// Write the decrypted raw image of NAME or NAME@SNAP into FILE (holes kept)
+    Export {
+        name: String,
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -592,7 +614,11 @@ fn size_arg(s: &str) -> Result<u64> {
 async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
     let path = |name: &str, action: &str| format!("/v1/volumes/{name}/{action}");
     let info = match v {
-        VolumeCmd::Create { name, size, key, sector_size, encrypt_zeroes, store, pool, iops, bandwidth } => {
+        VolumeCmd::Create { name, from_snapshot: Some(from), key, max_rate, .. } => {
+            client::call(sock, "POST", "/v1/volumes", Some(json!({"name": name, "from_snapshot": from, "key_id": key, "max_rate": size_arg(max_rate)?.to_string()}))).await?
+        }
+        VolumeCmd::Create { name, size, key, sector_size, encrypt_zeroes, store, pool, iops, bandwidth, .. } => {
+            let size = size.as_deref().ok_or_else(|| anyhow!("--size is required"))?;
             client::call(sock, "POST", "/v1/volumes", Some(json!({"name": name, "size": size_arg(size)?.to_string(), "key_id": key, "sector_size": sector_size.to_string(), "encrypt_zeroes": encrypt_zeroes, "store": store, "pool": pool, "iops": iops.to_string(), "bandwidth": size_arg(bandwidth)?.to_string()}))).await?
         }
         VolumeCmd::Import { name, from, key, store, pool } => {
@@ -619,8 +645,11 @@ async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
             let body = json!({"iops": iops.map(|i| i.to_string()), "bandwidth": bandwidth});
             client::call(sock, "POST", &path(name, "set"), Some(body)).await?
         }
-        VolumeCmd::Delete { name } => {
-            let r = client::call(sock, "DELETE", &format!("/v1/volumes/{name}"), None).await?;
+        VolumeCmd::Snapshot(cmd) => return snapshot::snapshot(sock, j, cmd).await,
+        VolumeCmd::Export { name, to } => return snapshot::export(sock, j, name, to).await,
+        VolumeCmd::Delete { name, with_snapshots } => {
+            let q = if *with_snapshots { "?with_snapshots=true" } else { "" };
+            let r = client::call(sock, "DELETE", &format!("/v1/volumes/{name}{q}"), None).await?;
             output::print(j, &r, |_| format!("deleted {name}"));
             return Ok(());
         }

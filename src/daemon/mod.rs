@@ -13,6 +13,7 @@ pub mod exports;
 mod metrics;
 mod qos;
 mod run;
+mod snapshots;
 mod state;
 mod sys;
 
@@ -32,6 +33,7 @@ use crate::server::{Qos, QosLimits};
 use crate::volume::{CIPHER_NAME, CipherBackend, Volume, VolumeError, VolumeHeader, XtsKey};
 use exports::{Attached, Exports, Fence, VolumeBackend};
 pub use run::{Running, demo, init_state_dir, serve};
+pub use snapshots::SnapshotInfo;
 use state::{AttachState, Registered, Registry};
 
 /// The alias of the key used when a volume is created without `--key`.
@@ -60,6 +62,9 @@ pub enum DaemonError {
     /// The Ceph cluster could not be reached or refused an operation.
     #[error("{0}")]
     Cluster(String),
+    /// Not (yet) possible for this kind of volume (e.g. snapshots of RBD volumes).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl DaemonError {
@@ -74,6 +79,7 @@ impl DaemonError {
             DaemonError::Untrusted(_) => "VOL.0422",
             DaemonError::Io(_) => "VOL.0501",
             DaemonError::Cluster(_) => "VOL.0503",
+            DaemonError::Unsupported(_) => "VOL.0405",
         }
     }
     pub fn http_status(&self) -> u16 {
@@ -86,6 +92,7 @@ impl DaemonError {
             DaemonError::Invalid(_) => 400,
             DaemonError::Untrusted(_) => 422,
             DaemonError::Cluster(_) => 503,
+            DaemonError::Unsupported(_) => 501,
         }
     }
 }
@@ -144,6 +151,8 @@ pub struct Daemon {
     /// by [`Daemon::start_fence_worker`].
     fence_tx: std::sync::Mutex<std::sync::mpsc::Sender<(String, usize)>>,
     fence_rx: std::sync::Mutex<Option<std::sync::mpsc::Receiver<(String, usize)>>>,
+    /// Snapshots in the making and snapshots held by a clone (`snapshots.rs`).
+    snaps: snapshots::Snapshots,
 }
 
 /// Where a volume's bytes are.
@@ -307,10 +316,12 @@ impl Daemon {
             fenced: std::sync::Mutex::new(BTreeMap::new()),
             fence_tx: std::sync::Mutex::new(fence_tx),
             fence_rx: std::sync::Mutex::new(Some(fence_rx)),
+            snaps: Default::default(),
         };
         if migrate {
             d.adopt_existing()?;
         }
+        d.forget_missing_snapshots()?;
         Ok(d)
     }
 
@@ -886,6 +897,9 @@ impl Daemon {
     }
 
     fn info_locked(&self, name: &str) -> Result<VolumeInfo, DaemonError> {
+        if name.contains('@') {
+            return self.snapshot_volume_info(name);
+        }
         let loc = self.locate(name)?;
         let (h, holder) = self.trusted_header(name, &loc)?;
         let attached = self.exports.get(name);
@@ -973,7 +987,11 @@ impl Daemon {
             ));
         }
         let _g = self.lock_ops();
-        self.attach_locked(c, name, read_only, takeover)?;
+        if name.contains('@') {
+            self.attach_snapshot_locked(c, name, read_only)?;
+        } else {
+            self.attach_locked(c, name, read_only, takeover)?;
+        }
         self.info_locked(name)
     }
 
@@ -1013,6 +1031,10 @@ impl Daemon {
                     return Err(DaemonError::Conflict(
                         "volume header changed during attach".into(),
                     ));
+                }
+                // A snapshot of it is being copied: its writes copy old data out first.
+                if let Some(cow) = self.snaps.active_cow(name) {
+                    vol.cow().install(cow);
                 }
                 (vol, None, None, None)
             }
@@ -1093,7 +1115,11 @@ impl Daemon {
     /// An RBD volume's lock is released.
     pub fn detach(&self, name: &str, force: bool) -> Result<VolumeInfo, DaemonError> {
         let _g = self.lock_ops();
-        self.existing_or_missing(name)?;
+        if name.contains('@') {
+            snapshots::split_full(name)?;
+        } else {
+            self.existing_or_missing(name)?;
+        }
         let Some(a) = self.exports.get(name) else {
             return self.info_locked(name); // already detached: idempotent
         };
@@ -1250,6 +1276,11 @@ impl Daemon {
 
     /// delete: refused while attached here, or (RBD) while another host holds its lock.
     pub fn delete(&self, name: &str) -> Result<(), DaemonError> {
+        self.delete_with(name, false)
+    }
+
+    /// delete; a volume with snapshots only `with_snapshots` (deleted first).
+    pub fn delete_with(&self, name: &str, with_snapshots: bool) -> Result<(), DaemonError> {
         let _g = self.lock_ops();
         let loc = self.locate(name)?;
         if self.exports.get(name).is_some() {
@@ -1257,6 +1288,7 @@ impl Daemon {
                 "volume {name:?} is attached; detach it first"
             )));
         }
+        self.delete_snapshots_of(name, with_snapshots)?;
         let id = self.registry().get(name).map(|r| r.volume_id);
         match &loc {
             Loc::File(path) => std::fs::remove_file(path)?,
@@ -1291,7 +1323,12 @@ impl Daemon {
             .entries();
         let _g = self.lock_ops();
         for (name, read_only) in wanted {
-            if let Err(e) = self.attach_locked(&Caller::DAEMON, &name, read_only, false) {
+            let r = if name.contains('@') {
+                self.attach_snapshot_locked(&Caller::DAEMON, &name, read_only)
+            } else {
+                self.attach_locked(&Caller::DAEMON, &name, read_only, false)
+            };
+            if let Err(e) = r {
                 tracing::error!(volume = %name, error = %e, "could not re-attach");
                 self.failed
                     .lock()

@@ -55,10 +55,28 @@ pub struct Registered {
     pub pool: Option<String>,
 }
 
+/// A snapshot file the daemon made: `volumes/NAME@SNAP.cvol` must carry this snapshot id
+/// (in its snapshot record) and this volume's header, or it is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredSnapshot {
+    pub snapshot_id: uuid::Uuid,
+    pub volume_id: uuid::Uuid,
+    pub key_id: String,
+    pub generation: u64,
+    pub size: u64,
+    /// Unix seconds.
+    pub created: u64,
+    /// "reflink" or "copy".
+    pub method: String,
+}
+
 /// name -> [`Registered`], persisted as `volumes.json` beside `attached.json`.
 #[derive(Default, Serialize, Deserialize)]
 pub struct Registry {
     volumes: BTreeMap<String, Registered>,
+    /// `NAME@SNAP` -> snapshot (absent in registries from before snapshots).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    snapshots: BTreeMap<String, RegisteredSnapshot>,
 }
 
 impl Registry {
@@ -99,5 +117,22 @@ impl Registry {
     }
     pub fn remove(&mut self, name: &str) {
         self.volumes.remove(name);
+    }
+    pub fn snapshot(&self, full: &str) -> Option<&RegisteredSnapshot> {
+        self.snapshots.get(full)
+    }
+    pub fn insert_snapshot(&mut self, full: &str, r: RegisteredSnapshot) {
+        self.snapshots.insert(full.to_owned(), r);
+    }
+    pub fn remove_snapshot(&mut self, full: &str) {
+        self.snapshots.remove(full);
+    }
+    /// The snapshots of volume `name` (`NAME@SNAP`, in order); every one when `None`.
+    pub fn snapshots_of(&self, name: Option<&str>) -> Vec<(String, RegisteredSnapshot)> {
+        self.snapshots
+            .iter()
+            .filter(|(k, _)| name.is_none_or(|n| k.split_once('@').is_some_and(|(v, _)| v == n)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }

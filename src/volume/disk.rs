@@ -33,6 +33,8 @@ pub struct Volume {
     /// all-zero unit reads as zeros only where the store has a hole.
     encrypt_zeroes: bool,
     stripes: Vec<RwLock<()>>,
+    /// A copy-path snapshot in the making: writes copy old data out first (`snapshot.rs`).
+    cow: super::snapshot::CowSlot,
 }
 
 thread_local! {
@@ -155,6 +157,7 @@ impl Volume {
             header,
             read_only,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            cow: Default::default(),
         })
     }
 
@@ -274,6 +277,7 @@ impl Volume {
             return Ok(());
         }
         let _locks = self.lock_units(offset, data.len() as u64);
+        self.cow.before_write(offset, data.len() as u64);
         let u = self.unit;
         let mut done = 0usize;
         while done < data.len() {
@@ -325,6 +329,7 @@ impl Volume {
             return Ok(());
         }
         let _locks = self.lock_units(offset, len);
+        self.cow.before_write(offset, len);
         let u = self.unit;
         let end = offset + len;
         let first_whole = offset.div_ceil(u) * u;
@@ -508,6 +513,22 @@ impl Volume {
                 i += u;
             }
         }
+    }
+
+    /// Runs `f` with every stripe lock held exclusively: no write is in flight and none
+    /// starts until `f` returns (reads go on). A snapshot's point in time.
+    pub fn quiesce<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _all: Vec<_> = self
+            .stripes
+            .iter()
+            .map(|s| s.write().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        f()
+    }
+
+    /// The copy-before-write hook of this volume (`snapshot.rs`).
+    pub fn cow(&self) -> &super::snapshot::CowSlot {
+        &self.cow
     }
 
     /// Locks the stripes of every unit a write of `[offset, offset+len)` touches, in stripe
