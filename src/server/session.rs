@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::backend::{ExportRegistry, OpenExport};
 use super::bufpool::BufPool;
+use crate::aligned::AlignedBuf;
 use super::exec::{
     BASE_ALLOCATION_ID, Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline,
     max_payload, request_kib, runs_inline,
@@ -665,7 +666,7 @@ async fn transmission(
             }
             p
         } else {
-            Vec::new()
+            AlignedBuf::default()
         };
         let (cmd, payload) = if runs_inline(&*backend, &cmd) {
             // Small requests are cheaper to serve here than to hand to another thread and back:
@@ -687,7 +688,7 @@ async fn transmission(
                     tally.end(&stats, errno);
                     continue;
                 }
-                Err(cmd) => (cmd, Vec::new()),
+                Err(cmd) => (cmd, AlignedBuf::default()),
             }
         } else {
             (cmd, payload)
