@@ -89,12 +89,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// Records `limits` for volume `id`, its other settings kept.
-    pub(super) fn record_qos(&self, id: Uuid, limits: QosLimits) -> Result<(), DaemonError> {
-        let s = self.settings_of(id)?;
-        self.record_settings(id, Settings { qos: limits, ..s })
-    }
-
     /// `volume set`: changes the limits given (`None` keeps one), persisted first, then in
     /// force for an attached volume at once (requests waiting are priced again).
     pub fn set_qos(

@@ -489,7 +489,7 @@ mod tests {
             cookie: 1,
             offset: 0,
         };
-        let mut b = vec![0u8; 3 * 4096];
+        let mut b = AlignedBuf::zeroed(3 * 4096);
         b[4096..8192].fill(7);
         let r = read_reply(&pool, to, 0, false, b, Ok(()));
         let wire: Vec<u8> = r.pieces().concat();
@@ -512,7 +512,7 @@ mod tests {
             framing: Framing::Simple,
             ..to
         };
-        let r = read_reply(&pool, simple, 0, false, vec![0u8; 8192], Ok(()));
+        let r = read_reply(&pool, simple, 0, false, AlignedBuf::zeroed(8192), Ok(()));
         assert_eq!(r.pieces().concat().len(), 16 + 8192);
     }
 }
