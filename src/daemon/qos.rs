@@ -122,7 +122,11 @@ impl Daemon {
         let cache = cache.unwrap_or(settings.cache);
         if cache != settings.cache {
             self.check_cache(name, &loc, cache)?;
-            tracing::info!(volume = name, cache = cache.as_str(), "cache mode set (next attach)");
+            tracing::info!(
+                volume = name,
+                cache = cache.as_str(),
+                "cache mode set (next attach)"
+            );
         }
         self.record_settings(h.volume_id, Settings { qos: new, cache })?;
         if let Some(a) = self.exports.get(name) {

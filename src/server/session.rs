@@ -22,13 +22,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::backend::{ExportRegistry, OpenExport};
 use super::bufpool::BufPool;
-use crate::aligned::AlignedBuf;
 use super::exec::{
     BASE_ALLOCATION_ID, Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline,
     max_payload, request_kib, runs_inline,
 };
 use super::identity::PeerIdentity;
 use super::{ServerConfig, threaded};
+use crate::aligned::AlignedBuf;
 use crate::nbd::DecodeError;
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, OPTION_HEADER_LEN};

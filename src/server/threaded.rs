@@ -35,12 +35,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use super::ServerConfig;
 use super::backend::OpenExport;
 use super::bufpool::BufPool;
-use crate::aligned::AlignedBuf;
 use super::exec::{
     Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline, request_kib,
     runs_inline,
 };
 use super::session::{BoxStream, DRAIN_AFTER_STOP, Terms, invalid, wait_true};
+use crate::aligned::AlignedBuf;
 use crate::nbd::DecodeError;
 use crate::nbd::transmission::{self as tx, Command, ExportLimits, ReplyTo};
 
@@ -568,10 +568,12 @@ fn serve_requests(
         };
         // Writes that wait for a device (O_DIRECT, RBD) are not CPU-bound: not capped.
         let cpu = match cmd {
-            Command::Write { fua: false, .. } if !backend.writes_wait() => match acquire(&write_workers, 1) {
-                Some(p) => Some(p),
-                None => break Ok(()),
-            },
+            Command::Write { fua: false, .. } if !backend.writes_wait() => {
+                match acquire(&write_workers, 1) {
+                    Some(p) => Some(p),
+                    None => break Ok(()),
+                }
+            }
             _ => None,
         };
         let (conn, backend, stats) = (conn.clone(), backend.clone(), stats.clone());

@@ -130,10 +130,10 @@ pub fn fs_name(path: &Path) -> String {
         (0x5346_414f, "AFS"),
     ];
     match sys::fs_type(path) {
-        Ok(t) => names
-            .iter()
-            .find(|(m, _)| *m == t)
-            .map_or_else(|| format!("a file system of type {t:#x}"), |(_, n)| n.to_string()),
+        Ok(t) => names.iter().find(|(m, _)| *m == t).map_or_else(
+            || format!("a file system of type {t:#x}"),
+            |(_, n)| n.to_string(),
+        ),
         Err(_) => "an unknown file system".into(),
     }
 }
@@ -146,7 +146,12 @@ pub(super) fn aligned(buf: &[u8], offset: u64, align: usize) -> bool {
 
 /// Reads `buf` at `offset` (any alignment) through an aligned bounce buffer; bytes past the
 /// end of the file read as zeros.
-pub(super) fn read_bounced(file: &File, buf: &mut [u8], offset: u64, align: usize) -> io::Result<()> {
+pub(super) fn read_bounced(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    align: usize,
+) -> io::Result<()> {
     let a = align as u64;
     let start = offset / a * a;
     let end = (offset + buf.len() as u64).div_ceil(a) * a;
@@ -332,7 +337,10 @@ mod tests {
         s.read_at(&mut past, len + 10).unwrap();
         assert!(past.iter().all(|&b| b == 0));
         assert_eq!(std::fs::read(&p).unwrap()[..len as usize], model[..]);
-        assert!(!s.read_at_nowait(&mut past, 0).unwrap(), "never the page-cache path");
+        assert!(
+            !s.read_at_nowait(&mut past, 0).unwrap(),
+            "never the page-cache path"
+        );
         assert!(s.writes_wait());
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -395,7 +403,12 @@ mod tests {
             .filter(|(i, unit)| unit.iter().any(|&b| b != (i % 8) as u8 + 1))
             .map(|(i, _)| i)
             .collect();
-        assert!(lost.is_empty(), "{} units lost, first {:?}", lost.len(), &lost[..lost.len().min(5)]);
+        assert!(
+            lost.is_empty(),
+            "{} units lost, first {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -17,8 +17,8 @@ use std::path::Path;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::VolumeError;
-use super::direct::CacheMode;
 use super::cipher::{Backend, SectorCipher, UnitSize, XtsKey, wipe};
+use super::direct::CacheMode;
 use super::header::{COPY_OFFSETS, HEADER_COPY_LEN, VolumeHeader};
 use super::store::{BlockStore, FileStore};
 use crate::aligned::AlignedBuf;
