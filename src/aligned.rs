@@ -64,7 +64,7 @@ impl DerefMut for AlignedBuf {
 
 /// Whether `buf` starts on a multiple of `align` (a power of two).
 pub fn is_aligned(buf: &[u8], align: usize) -> bool {
-    (buf.as_ptr() as usize) % align == 0
+    (buf.as_ptr() as usize).is_multiple_of(align)
 }
 
 #[cfg(test)]
@@ -94,7 +94,7 @@ mod tests {
     fn moving_keeps_the_address() {
         let b = AlignedBuf::zeroed(8192);
         let p = b.as_ptr();
-        let v = vec![b];
+        let v = Box::new([b]);
         assert_eq!(v[0].as_ptr(), p);
     }
 }

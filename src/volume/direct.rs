@@ -141,7 +141,7 @@ pub fn fs_name(path: &Path) -> String {
 /// Whether a transfer of `buf` at `offset` may go to `file` directly.
 pub(super) fn aligned(buf: &[u8], offset: u64, align: usize) -> bool {
     let a = align as u64;
-    offset % a == 0 && (buf.len() as u64) % a == 0 && is_aligned(buf, align)
+    offset.is_multiple_of(a) && (buf.len() as u64).is_multiple_of(a) && is_aligned(buf, align)
 }
 
 /// Reads `buf` at `offset` (any alignment) through an aligned bounce buffer; bytes past the
