@@ -71,7 +71,7 @@ case "$cache" in ""|none) ;; *) echo "peers.sh: --cache takes none" >&2; exit 2 
 work=$(mktemp -d "$dir/cryptvol-peers.XXXXXX")
 log() { echo "[peers $(date -u +%H:%M:%S)] $*" >&2; }
 
-for tool in fio nbdkit qemu-nbd qemu-img nbdinfo gnuplot; do
+for tool in fio nbdkit qemu-nbd qemu-img nbdinfo; do
     command -v "$tool" >/dev/null || { echo "peers.sh: $tool is not installed" >&2; exit 2; }
 done
 
@@ -225,7 +225,9 @@ done
 jobs=(); jobnames=()
 for j in "${alljobs[@]}"; do
     IFS=: read -r job _ <<<"$j"
-    [ -z "$jobsel" ] || [[ ",$jobsel," == *",$job,"* ]] || continue
+    # A name selects its multi-connection variants too (seqwrite: seqwrite-c2, -c4, ...).
+    [ -z "$jobsel" ] || [[ ",$jobsel," == *",$job,"* || ",$jobsel," == *",${job%-c*},"* ]] \
+        || continue
     jobs+=("$j"); jobnames+=("$job")
 done
 [ "${#jobs[@]}" -gt 0 ] || { echo "peers.sh: no job selected" >&2; exit 2; }
@@ -322,7 +324,9 @@ EOF
 
 ref=$(cat "$out/reference")
 npeers=$(( ${#names[@]} - 1 ))
-if [ "$npeers" -ge 1 ]; then
+if [ "$npeers" -ge 1 ] && ! command -v gnuplot >/dev/null; then
+    log "no chart: gnuplot is not installed"
+elif [ "$npeers" -ge 1 ]; then
     png=${chart:-$out/peers.png}
     # The default suite's chart is the one in the docs; other suites keep theirs in $out.
     if [ -z "$chart" ] && [ "$ref" = cryptvol ] && [ -z "$cache$jobsel" ] && [ "$conns" = 1 ] \
