@@ -8,6 +8,7 @@
 //! Dependencies point one way: `nbd` knows no sockets, `volume` and `kms` know nothing of NBD,
 //! only `server` touches sockets, `daemon` joins the parts, `cli` is a client of `api`.
 
+pub mod aligned;
 pub mod api;
 pub mod bench;
 pub mod cli;

@@ -5,6 +5,18 @@
 #
 #   benches/fio/peers.sh [--quick] [--size 1G] [--out DIR] [--chart docs/peers.png]
 #                        [--cryptvol PATH] [--only NAME,NAME] [--no-prefill]
+#                        [--dir DIR] [--cache none] [--conns 1,2,4] [--jobs NAME,NAME]
+#
+# --dir: where the images (and cryptvol's state dir) live, default /dev/shm; a directory on
+# a disk file system for the cache=none runs. --cache none: every file-backed server without
+# a page cache of its own: cryptvol `--cache none` (O_DIRECT), qemu-nbd `--cache=none
+# --aio=native` (O_DIRECT), nbdkit file `cache=none` (not O_DIRECT: posix_fadvise DONTNEED
+# after each request, what the plugin offers). --conns: adds the 1 MiB sequential and 4 KiB
+# QD32 jobs with N connections at once (fio numjobs=N, each on its own slice of the image)
+# for every N > 1. --jobs: run only these jobs (names as in the table: seqread, seqwrite,
+# randread, randwrite, randread-qd1, seqwrite-c2, ...).
+# The issue-16 case "1 MiB QD8 write on a prefilled 2 GiB image" is `--size 2G` (prefill is
+# the default): `benches/fio/peers.sh --size 2G --only cryptvol,nbdkit-file`.
 #
 # Servers: cryptvol (encrypted volume via the daemon; skipped with a message until `cryptvol
 # serve` works), qemu-nbd + LUKS (aes-256-xts-plain64), nbdkit + luks filter (same image),
@@ -30,6 +42,10 @@ chart=""
 cryptvol_bin="${CRYPTVOL:-}"
 only=""
 prefill=1
+dir=/dev/shm
+cache=""
+conns=1
+jobsel=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
@@ -39,7 +55,11 @@ while [ $# -gt 0 ]; do
         --cryptvol) cryptvol_bin=$2; shift ;;
         --only) only=$2; shift ;;
         --no-prefill) prefill=0 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --dir) dir=$2; shift ;;
+        --cache) cache=$2; shift ;;
+        --conns) conns=$2; shift ;;
+        --jobs) jobsel=$2; shift ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "peers.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -47,10 +67,11 @@ done
 if [ "$quick" = 1 ]; then ramp=1; runtime=3; else ramp=3; runtime=12; fi
 out=${out:-/tmp/cryptvol-peers/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-work=$(mktemp -d /dev/shm/cryptvol-peers.XXXXXX)
+case "$cache" in ""|none) ;; *) echo "peers.sh: --cache takes none" >&2; exit 2 ;; esac
+work=$(mktemp -d "$dir/cryptvol-peers.XXXXXX")
 log() { echo "[peers $(date -u +%H:%M:%S)] $*" >&2; }
 
-for tool in fio nbdkit qemu-nbd qemu-img nbdinfo gnuplot; do
+for tool in fio nbdkit qemu-nbd qemu-img nbdinfo; do
     command -v "$tool" >/dev/null || { echo "peers.sh: $tool is not installed" >&2; exit 2; }
 done
 
@@ -129,7 +150,8 @@ EOF
         sleep 0.05
     done
     "$bin" --socket "$ctl" key create --alias peers >/dev/null
-    "$bin" --socket "$ctl" volume create bench --size "$bytes" --key peers --sector-size 4096 >/dev/null
+    "$bin" --socket "$ctl" volume create bench --size "$bytes" --key peers --sector-size 4096 \
+        ${cache:+--cache "$cache"} >/dev/null
     "$bin" --socket "$ctl" volume attach bench >/dev/null
     local u="nbd+unix:///bench?socket=$nbd"
     wait_nbd "$u"
@@ -137,18 +159,25 @@ EOF
     log "started cryptvol (pid $p)"
 }
 
+# cache=none: O_DIRECT for qemu-nbd (with Linux AIO, as one runs it on a disk), the
+# plugin's own cache=none for nbdkit file.
+qemu_cache=(); nbdkit_cache=()
+if [ "$cache" = none ]; then
+    qemu_cache=(--cache=none --aio=native); nbdkit_cache=(cache=none)
+fi
 want cryptvol && start_cryptvol
 want qemu-nbd-luks && start_bg qemu-nbd-luks "nbd+unix:///?socket=$work/qemu-luks.sock" \
-    qemu-nbd -k "$work/qemu-luks.sock" -t -e 4 --object "secret,id=sec0,file=$work/passphrase" \
+    qemu-nbd -k "$work/qemu-luks.sock" -t -e 4 "${qemu_cache[@]}" \
+    --object "secret,id=sec0,file=$work/passphrase" \
     --image-opts "driver=luks,key-secret=sec0,file.driver=file,file.filename=$work/luks.img"
 # nbdkit forks by default: -f keeps it in the foreground so that $! is the server.
 want nbdkit-luks && start_bg nbdkit-luks "nbd+unix:///?socket=$work/nbdkit-luks.sock" \
     nbdkit -f -U "$work/nbdkit-luks.sock" --filter=luks file "$work/luks.img" \
-    "passphrase=+$work/passphrase"
+    "${nbdkit_cache[@]}" "passphrase=+$work/passphrase"
 want qemu-nbd-raw && start_bg qemu-nbd-raw "nbd+unix:///?socket=$work/qemu-raw.sock" \
-    qemu-nbd -k "$work/qemu-raw.sock" -t -e 4 -f raw "$work/raw.img"
+    qemu-nbd -k "$work/qemu-raw.sock" -t -e 4 "${qemu_cache[@]}" -f raw "$work/raw.img"
 want nbdkit-file && start_bg nbdkit-file "nbd+unix:///?socket=$work/nbdkit-file.sock" \
-    nbdkit -f -U "$work/nbdkit-file.sock" file "$work/raw.img"
+    nbdkit -f -U "$work/nbdkit-file.sock" file "$work/raw.img" "${nbdkit_cache[@]}"
 # cryptvol's NBD server over its in-memory backend (no encryption, no file): the protocol
 # path against nbdkit memory. Needs `cargo build --release --example memserve`.
 memserve=$repo/target/release/examples/memserve
@@ -185,14 +214,31 @@ declare -A cpu0
 for n in "${names[@]}"; do cpu0[$n]=$(cpu_ticks "${pid[$n]}"); done
 
 # --- the suite ---------------------------------------------------------------------------
-jobs=(seqread:read:1M:8 seqwrite:write:1M:8 randread:randread:4k:32 randwrite:randwrite:4k:32
-      randread-qd1:randread:4k:1)
+# name:rw:bs:iodepth:connections
+alljobs=(seqread:read:1M:8:1 seqwrite:write:1M:8:1 randread:randread:4k:32:1
+         randwrite:randwrite:4k:32:1 randread-qd1:randread:4k:1:1)
+for c in ${conns//,/ }; do
+    [ "$c" -gt 1 ] || continue
+    alljobs+=("seqread-c$c:read:1M:8:$c" "seqwrite-c$c:write:1M:8:$c"
+              "randread-c$c:randread:4k:32:$c" "randwrite-c$c:randwrite:4k:32:$c")
+done
+jobs=(); jobnames=()
+for j in "${alljobs[@]}"; do
+    IFS=: read -r job _ <<<"$j"
+    # A name selects its multi-connection variants too (seqwrite: seqwrite-c2, -c4, ...).
+    [ -z "$jobsel" ] || [[ ",$jobsel," == *",$job,"* || ",$jobsel," == *",${job%-c*},"* ]] \
+        || continue
+    jobs+=("$j"); jobnames+=("$job")
+done
+[ "${#jobs[@]}" -gt 0 ] || { echo "peers.sh: no job selected" >&2; exit 2; }
 for j in "${jobs[@]}"; do
-    IFS=: read -r job rw bs qd <<<"$j"
+    IFS=: read -r job rw bs qd nc <<<"$j"
     for n in "${names[@]}"; do
         log "$job on $n"
+        # N connections: N fio jobs, each on its own slice of the image, reported as one.
         fio --name="$job" --ioengine=nbd --uri="${uri[$n]}" --rw="$rw" --bs="$bs" \
-            --iodepth="$qd" --size="$bytes" --time_based --ramp_time="$ramp" \
+            --iodepth="$qd" --size=$(( bytes / nc )) --offset_increment=$(( bytes / nc )) \
+            --numjobs="$nc" --group_reporting --time_based --ramp_time="$ramp" \
             --runtime="$runtime" --randrepeat=0 --norandommap \
             --output-format=json --output="$out/$job.$n.json" >/dev/null
     done
@@ -206,10 +252,9 @@ for n in "${names[@]}"; do
 done
 
 # --- report --------------------------------------------------------------------------------
-$PY - "$out" "$hz" "${names[*]}" <<'EOF'
+$PY - "$out" "$hz" "${names[*]}" "${jobnames[*]}" <<'EOF'
 import json, sys, os
-out, hz, names = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
-jobs = ["seqread", "seqwrite", "randread", "randwrite", "randread-qd1"]
+out, hz, names, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
 res, io_bytes = {}, {}
 for n in names:
     io_bytes[n] = 0
@@ -232,17 +277,27 @@ def fig(n, j):
     r = res[(n, j)]
     return r["mib_s"] if j.startswith("seq") else r["iops"]
 
-cols = ["seq read MiB/s", "seq write MiB/s", "4k rr QD32 IOPS", "4k rw QD32 IOPS",
-        "4k rr QD1 IOPS", "QD1 p99 us", "CPU s/GiB", "peak RSS MiB"]
+label = {"seqread": "seq read MiB/s", "seqwrite": "seq write MiB/s",
+         "randread": "4k rr QD32 IOPS", "randwrite": "4k rw QD32 IOPS",
+         "randread-qd1": "4k rr QD1 IOPS"}
+def col(j):
+    if j in label:
+        return label[j]
+    base, c = j.rsplit("-c", 1)
+    return label[base].replace(" MiB/s", f" x{c} MiB/s").replace(" IOPS", f" x{c} IOPS")
+qd1 = "randread-qd1" in jobs
+cols = [col(j) for j in jobs] + (["QD1 p99 us"] if qd1 else []) + ["CPU s/GiB", "peak RSS MiB"]
 def row(n):
-    v = [fig(n, j) for j in jobs] + [res[(n, "randread-qd1")]["p99_us"],
-         srv[n]["cpu_s_per_gib"], srv[n]["rss_mib"]]
-    return v
+    return [fig(n, j) for j in jobs] + \
+        ([res[(n, "randread-qd1")]["p99_us"]] if qd1 else []) + \
+        [srv[n]["cpu_s_per_gib"], srv[n]["rss_mib"]]
+def cell(j, x):
+    return f"{x:.0f}" if j.startswith("seq") else f"{x/1000:.1f}k"
 lines = ["| server | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
 for n in names:
     v = row(n)
-    cells = [f"{v[0]:.0f}", f"{v[1]:.0f}"] + [f"{x/1000:.1f}k" for x in v[2:5]] + \
-            [f"{v[5]:.0f}", f"{v[6]:.2f}", f"{v[7]:.1f}"]
+    cells = [cell(j, x) for j, x in zip(jobs, v)] + \
+        ([f"{v[len(jobs)]:.0f}"] if qd1 else []) + [f"{v[-2]:.2f}", f"{v[-1]:.1f}"]
     lines.append(f"| {n} | " + " | ".join(cells) + " |")
 ref = "cryptvol" if "cryptvol" in names else ("nbdkit-file" if "nbdkit-file" in names else names[0])
 lines += ["", f"Ratios {ref} / peer (throughput: > 1 = {ref} faster; p99, CPU and RSS: < 1 = {ref} better):", "",
@@ -253,7 +308,7 @@ for n in names:
         continue
     a, b = row(ref), row(n)
     r = [x / y if y else float("nan") for x, y in zip(a, b)]
-    ratios[n] = r[:5]
+    ratios[n] = r[:len(jobs)]
     lines.append(f"| {n} | " + " | ".join(f"{x:.2f}x" for x in r) + " |")
 text = "\n".join(lines)
 print(text)
@@ -262,17 +317,20 @@ json.dump({"results": {f"{n}/{j}": res[(n, j)] for (n, j) in res}, "servers": sr
            "reference": ref}, open(f"{out}/results.json", "w"), indent=1)
 with open(f"{out}/ratios.dat", "w") as f:
     f.write("job " + " ".join(f'"{n}"' for n in ratios) + "\n")
-    labels = ["seq-read", "seq-write", "rand-read-QD32", "rand-write-QD32", "rand-read-QD1"]
-    for i, lab in enumerate(labels):
-        f.write(lab + " " + " ".join(f"{ratios[n][i]:.3f}" for n in ratios) + "\n")
+    for i, j in enumerate(jobs):
+        f.write(j + " " + " ".join(f"{ratios[n][i]:.3f}" for n in ratios) + "\n")
 open(f"{out}/reference", "w").write(ref)
 EOF
 
 ref=$(cat "$out/reference")
 npeers=$(( ${#names[@]} - 1 ))
-if [ "$npeers" -ge 1 ]; then
+if [ "$npeers" -ge 1 ] && ! command -v gnuplot >/dev/null; then
+    log "no chart: gnuplot is not installed"
+elif [ "$npeers" -ge 1 ]; then
     png=${chart:-$out/peers.png}
-    if [ -z "$chart" ] && [ "$ref" = cryptvol ]; then png=$repo/docs/peers.png; fi
+    # The default suite's chart is the one in the docs; other suites keep theirs in $out.
+    if [ -z "$chart" ] && [ "$ref" = cryptvol ] && [ -z "$cache$jobsel" ] && [ "$conns" = 1 ] \
+        && [ "$dir" = /dev/shm ]; then png=$repo/docs/peers.png; fi
     mkdir -p "$(dirname "$png")"
     gnuplot <<EOF
 set terminal pngcairo size 1000,500 font "sans,10"

@@ -275,6 +275,17 @@ pub(crate) fn str_field<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>, 
     }
 }
 
+/// `cache`: `"writeback"` or `"none"` (SPEC §9).
+fn cache_field(v: &Value) -> Result<Option<crate::volume::CacheMode>, ApiError> {
+    str_field(v, "cache")?
+        .map(|s| {
+            crate::volume::CacheMode::parse(s).ok_or_else(|| {
+                ApiError::bad(format!("cache {s:?} must be \"writeback\" or \"none\""))
+            })
+        })
+        .transpose()
+}
+
 fn bool_field(v: &Value, key: &str) -> bool {
     matches!(v.get(key), Some(Value::Bool(true)))
         || matches!(v.get(key), Some(Value::String(s)) if s == "true")
@@ -401,6 +412,7 @@ async fn route_inner(
                 iops: num_field(&b, "iops")?.unwrap_or(0),
                 bandwidth: num_field(&b, "bandwidth")?.unwrap_or(0),
             };
+            let cache = cache_field(&b)?.unwrap_or_default();
             blocking(move || {
                 let v = crate::daemon::NewVolume {
                     size,
@@ -410,6 +422,7 @@ async fn route_inner(
                     store,
                     pool: pool.as_deref(),
                     qos,
+                    cache,
                 };
                 Ok(json!(d.create(&c, &name, &v)?))
             })
@@ -467,9 +480,12 @@ async fn route_inner(
                         d.resize(&name, size)?
                     }
                     "rewrap" => d.rewrap(&c, &name)?,
-                    "set" => {
-                        d.set_qos(&name, num_field(&b, "iops")?, num_field(&b, "bandwidth")?)?
-                    }
+                    "set" => d.set_volume(
+                        &name,
+                        num_field(&b, "iops")?,
+                        num_field(&b, "bandwidth")?,
+                        cache_field(&b)?,
+                    )?,
                     _ => {
                         return Err(ApiError {
                             status: 404,

@@ -199,6 +199,10 @@ enum VolumeCmd {
         /// Cap on bytes per second, like 200M (binary units; 0 = unlimited)
         #[arg(long, default_value = "0")]
         bandwidth: String,
+        /// `writeback` (page cache, default) or `none` (O_DIRECT: no page cache; needs a file
+        /// system with direct I/O, not tmpfs)
+        #[arg(long, value_parser = ["writeback", "none"])]
+        cache: Option<String>,
     },
     /// Create a volume from a raw image, encrypting it on the way in
     Import {
@@ -242,7 +246,8 @@ enum VolumeCmd {
     },
     /// Re-wrap the DEK under the key's newest version
     Rewrap { name: String },
-    /// Change QoS limits, online (0 = unlimited; a limit not given is kept)
+    /// Change QoS limits, online (0 = unlimited; a limit not given is kept), or the cache
+    /// mode (from the next attach)
     Set {
         name: String,
         /// Requests per second
@@ -251,6 +256,9 @@ enum VolumeCmd {
         /// Bytes per second, like 200M
         #[arg(long)]
         bandwidth: Option<String>,
+        /// Cache mode, `writeback` or `none`; takes effect at the next attach
+        #[arg(long, value_parser = ["writeback", "none"])]
+        cache: Option<String>,
     },
     /// Delete a detached volume and its file
     Delete {
@@ -617,9 +625,9 @@ async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
         VolumeCmd::Create { name, from_snapshot: Some(from), key, max_rate, .. } => {
             client::call(sock, "POST", "/v1/volumes", Some(json!({"name": name, "from_snapshot": from, "key_id": key, "max_rate": size_arg(max_rate)?.to_string()}))).await?
         }
-        VolumeCmd::Create { name, size, key, sector_size, encrypt_zeroes, store, pool, iops, bandwidth, .. } => {
+        VolumeCmd::Create { name, size, key, sector_size, encrypt_zeroes, store, pool, iops, bandwidth, cache, .. } => {
             let size = size.as_deref().ok_or_else(|| anyhow!("--size is required"))?;
-            client::call(sock, "POST", "/v1/volumes", Some(json!({"name": name, "size": size_arg(size)?.to_string(), "key_id": key, "sector_size": sector_size.to_string(), "encrypt_zeroes": encrypt_zeroes, "store": store, "pool": pool, "iops": iops.to_string(), "bandwidth": size_arg(bandwidth)?.to_string()}))).await?
+            client::call(sock, "POST", "/v1/volumes", Some(json!({"name": name, "size": size_arg(size)?.to_string(), "key_id": key, "sector_size": sector_size.to_string(), "encrypt_zeroes": encrypt_zeroes, "store": store, "pool": pool, "iops": iops.to_string(), "bandwidth": size_arg(bandwidth)?.to_string(), "cache": cache}))).await?
         }
         VolumeCmd::Import { name, from, key, store, pool } => {
             import(sock, name, from, key.as_deref(), [("store", store), ("pool", pool)]).await?
@@ -640,9 +648,9 @@ async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
             client::call(sock, "POST", &path(name, "resize"), Some(json!({"size": size_arg(size)?.to_string()}))).await?
         }
         VolumeCmd::Rewrap { name } => client::call(sock, "POST", &path(name, "rewrap"), Some(json!({}))).await?,
-        VolumeCmd::Set { name, iops, bandwidth } => {
+        VolumeCmd::Set { name, iops, bandwidth, cache } => {
             let bandwidth = bandwidth.as_deref().map(size_arg).transpose()?.map(|b| b.to_string());
-            let body = json!({"iops": iops.map(|i| i.to_string()), "bandwidth": bandwidth});
+            let body = json!({"iops": iops.map(|i| i.to_string()), "bandwidth": bandwidth, "cache": cache});
             client::call(sock, "POST", &path(name, "set"), Some(body)).await?
         }
         VolumeCmd::Snapshot(cmd) => return snapshot::snapshot(sock, j, cmd).await,

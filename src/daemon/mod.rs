@@ -3,6 +3,7 @@
 //! the lifecycle (`run`): config -> state -> restore attachments -> serve; signals; sd_notify.
 
 pub mod access;
+mod cache;
 #[cfg(feature = "rbd")]
 mod ceph;
 #[cfg(not(feature = "rbd"))]
@@ -30,7 +31,9 @@ use crate::config::CephConfig;
 pub use crate::config::StoreKind;
 use crate::kms::{Caller, EncryptionContext, KeyState, Kms, KmsError};
 use crate::server::{Qos, QosLimits};
-use crate::volume::{CIPHER_NAME, CipherBackend, Volume, VolumeError, VolumeHeader, XtsKey};
+use crate::volume::{
+    CIPHER_NAME, CacheMode, CipherBackend, Volume, VolumeError, VolumeHeader, XtsKey,
+};
 use exports::{Attached, Exports, Fence, VolumeBackend};
 pub use run::{Running, demo, init_state_dir, serve};
 pub use snapshots::SnapshotInfo;
@@ -126,6 +129,8 @@ pub struct VolumeInfo {
     pub status: String,
     /// Per-volume limits (SPEC §9; 0 = unlimited).
     pub qos: QosLimits,
+    /// `writeback` or `none` (O_DIRECT), SPEC §9; a change takes effect at the next attach.
+    pub cache: CacheMode,
 }
 
 pub struct Daemon {
@@ -196,6 +201,8 @@ pub struct NewVolume<'a> {
     pub pool: Option<&'a str>,
     /// QoS limits (0 = unlimited), kept by this host under the volume id.
     pub qos: QosLimits,
+    /// Cache mode (file volumes), kept beside the limits.
+    pub cache: CacheMode,
 }
 
 /// Holds a volume name for an import; released on drop (success, error or panic).
@@ -630,6 +637,7 @@ impl Daemon {
                 store: None,
                 pool: None,
                 qos: QosLimits::default(),
+                cache: CacheMode::default(),
             },
         )
     }
@@ -673,6 +681,9 @@ impl Daemon {
                     .into(),
             ));
         }
+        if v.cache != CacheMode::Writeback && pool.is_some() {
+            return Err(cache::rbd_cache());
+        }
         if v.encrypt_zeroes && pool.is_some() {
             return Err(DaemonError::Invalid(
                 "encrypt_zeroes is for file volumes (an RBD image reports holes per object)".into(),
@@ -682,8 +693,12 @@ impl Daemon {
         if v.encrypt_zeroes {
             header.flags |= crate::volume::header::FLAG_ENCRYPT_ZEROES;
         }
-        // Limits first, under the new id: the volume never appears without them.
-        self.record_qos(header.volume_id, v.qos)?;
+        // Settings first, under the new id: the volume never appears without them.
+        let settings = qos::Settings {
+            qos: v.qos,
+            cache: v.cache,
+        };
+        self.record_settings(header.volume_id, settings)?;
         let made = if let Some(pool) = &pool {
             // The image appears complete or not at all (removed again on failure).
             self.ceph()
@@ -693,16 +708,19 @@ impl Daemon {
             // Built under a temporary name: a create that fails half-way leaves nothing that
             // blocks the name.
             let tmp = self.temp_path(name);
-            match Volume::create(&tmp, &header) {
+            match Volume::create(&tmp, &header)
+                .map_err(Self::vol_err(name))
+                .and_then(|()| cache::check_file(name, &tmp, v.cache))
+            {
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
-                    Err(DaemonError::Volume(name.to_owned(), e))
+                    Err(e)
                 }
                 Ok(()) => self.commit_new(name, &tmp, &header),
             }
         };
         if let Err(e) = made {
-            let _ = self.record_qos(header.volume_id, QosLimits::default());
+            let _ = self.record_settings(header.volume_id, qos::Settings::default());
             return Err(e);
         }
         tracing::info!(volume = name, volume_id = %header.volume_id, size = v.size, store = store.as_str(), "created");
@@ -889,6 +907,7 @@ impl Daemon {
                 .map_or(0, |a| a.clients.load(Ordering::SeqCst)),
             status,
             qos: QosLimits::default(),
+            cache: CacheMode::default(),
         }
     }
 
@@ -902,6 +921,7 @@ impl Daemon {
         }
         let loc = self.locate(name)?;
         let (h, holder) = self.trusted_header(name, &loc)?;
+        let settings = self.settings_of(h.volume_id)?;
         let attached = self.exports.get(name);
         // Attached read-write here, but the lock is not this attachment's: another host
         // took it over (seen before any I/O failed).
@@ -958,7 +978,8 @@ impl Daemon {
                 .as_ref()
                 .map_or(0, |a| a.clients.load(Ordering::SeqCst)),
             status,
-            qos: self.qos_of(h.volume_id)?,
+            qos: settings.qos,
+            cache: settings.cache,
         })
     }
 
@@ -1025,8 +1046,10 @@ impl Daemon {
         let (vol, fence, raw, release) = match &loc {
             Loc::File(path) => {
                 let (h, _) = self.trusted_header(name, &loc)?;
-                let vol =
-                    Volume::open(path, unwrap(&h)?, read_only).map_err(Self::vol_err(name))?;
+                let mode = self.cache_of(h.volume_id)?;
+                let vol = Volume::open_file(path, unwrap(&h)?, read_only, mode)
+                    .map_err(|e| cache::direct_err(name, e))?
+                    .map_err(Self::vol_err(name))?;
                 if vol.header() != &h {
                     return Err(DaemonError::Conflict(
                         "volume header changed during attach".into(),
@@ -1295,7 +1318,7 @@ impl Daemon {
             Loc::Rbd(pool) => self.ceph()?.remove(pool, name)?,
         }
         if let Some(id) = id
-            && let Err(e) = self.record_qos(id, QosLimits::default())
+            && let Err(e) = self.record_settings(id, qos::Settings::default())
         {
             // Harmless: keyed by volume id, the entry never applies to another volume.
             tracing::warn!(volume = name, error = %e, "qos entry not removed");

@@ -1,5 +1,7 @@
-//! Per-volume QoS limits: persisted in the state dir (`qos.json`, beside `volumes.json`),
-//! applied at attach, changed online (`volume set`).
+//! Per-volume settings of this host: QoS limits (applied at attach, changed online) and the
+//! cache mode (`--cache`, in force from the next attach), persisted in the state dir
+//! (`qos.json`, beside `volumes.json`; the name is kept from when it held limits only, and
+//! such files read as they are: an entry without `cache` is `writeback`).
 //!
 //! Why the state dir and not the volume header: the limits are this host's policy for the
 //! volume (like an EBS volume type), not part of the encrypted disk; the header is a
@@ -15,13 +17,28 @@ use uuid::Uuid;
 
 use super::{Daemon, DaemonError, VolumeInfo};
 use crate::server::QosLimits;
+use crate::volume::CacheMode;
 
 const FILE: &str = "qos.json";
 
-/// volume id -> limits; unlimited volumes have no entry.
+/// One volume's settings: `{"iops": N, "bandwidth": N, "cache": "none"}` (`cache` only when
+/// not `writeback`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Settings {
+    #[serde(flatten)]
+    pub(super) qos: QosLimits,
+    #[serde(default, skip_serializing_if = "is_writeback")]
+    pub(super) cache: CacheMode,
+}
+
+fn is_writeback(c: &CacheMode) -> bool {
+    *c == CacheMode::Writeback
+}
+
+/// volume id -> settings; volumes with the defaults (unlimited, writeback) have no entry.
 #[derive(Default, Serialize, Deserialize)]
 struct QosTable {
-    volumes: BTreeMap<Uuid, QosLimits>,
+    volumes: BTreeMap<Uuid, Settings>,
 }
 
 impl QosTable {
@@ -42,8 +59,8 @@ impl QosTable {
 }
 
 impl Daemon {
-    /// The limits recorded for volume `id` (unlimited when none are).
-    pub(super) fn qos_of(&self, id: Uuid) -> Result<QosLimits, DaemonError> {
+    /// The settings recorded for volume `id` (the defaults when none are).
+    pub(super) fn settings_of(&self, id: Uuid) -> Result<Settings, DaemonError> {
         Ok(QosTable::load(&self.state_dir)?
             .volumes
             .get(&id)
@@ -51,15 +68,22 @@ impl Daemon {
             .unwrap_or_default())
     }
 
-    /// Records `limits` for volume `id`. Caller holds the ops lock (one writer of the file).
-    pub(super) fn record_qos(&self, id: Uuid, limits: QosLimits) -> Result<(), DaemonError> {
+    /// The limits recorded for volume `id` (unlimited when none are).
+    pub(super) fn qos_of(&self, id: Uuid) -> Result<QosLimits, DaemonError> {
+        Ok(self.settings_of(id)?.qos)
+    }
+
+    /// Records `s` for volume `id` (the defaults: no entry). Caller holds the ops lock (one
+    /// writer of the file).
+    pub(super) fn record_settings(&self, id: Uuid, s: Settings) -> Result<(), DaemonError> {
         let mut t = QosTable::load(&self.state_dir)?;
-        let old = if limits.is_unlimited() {
+        let default = s == Settings::default();
+        let old = if default {
             t.volumes.remove(&id)
         } else {
-            t.volumes.insert(id, limits)
+            t.volumes.insert(id, s)
         };
-        if old != Some(limits) && !(old.is_none() && limits.is_unlimited()) {
+        if old != Some(s) && !(old.is_none() && default) {
             t.save(&self.state_dir)?;
         }
         Ok(())
@@ -73,15 +97,38 @@ impl Daemon {
         iops: Option<u64>,
         bandwidth: Option<u64>,
     ) -> Result<VolumeInfo, DaemonError> {
+        self.set_volume(name, iops, bandwidth, None)
+    }
+
+    /// `volume set`: the limits as [`set_qos`](Self::set_qos) and the cache mode, which
+    /// takes effect at the next attach (checked now: `none` on a file system without direct
+    /// I/O is refused).
+    pub fn set_volume(
+        &self,
+        name: &str,
+        iops: Option<u64>,
+        bandwidth: Option<u64>,
+        cache: Option<CacheMode>,
+    ) -> Result<VolumeInfo, DaemonError> {
         let _g = self.lock_ops();
         let loc = self.locate(name)?;
         let (h, _) = self.trusted_header(name, &loc)?;
-        let old = self.qos_of(h.volume_id)?;
+        let settings = self.settings_of(h.volume_id)?;
+        let old = settings.qos;
         let new = QosLimits {
             iops: iops.unwrap_or(old.iops),
             bandwidth: bandwidth.unwrap_or(old.bandwidth),
         };
-        self.record_qos(h.volume_id, new)?;
+        let cache = cache.unwrap_or(settings.cache);
+        if cache != settings.cache {
+            self.check_cache(name, &loc, cache)?;
+            tracing::info!(
+                volume = name,
+                cache = cache.as_str(),
+                "cache mode set (next attach)"
+            );
+        }
+        self.record_settings(h.volume_id, Settings { qos: new, cache })?;
         if let Some(a) = self.exports.get(name) {
             a.qos.set(new);
         }

@@ -652,6 +652,7 @@ impl Daemon {
             clients: a.map_or(0, |a| a.clients.load(std::sync::atomic::Ordering::SeqCst)),
             status: "ok".into(),
             qos: QosLimits::default(),
+            cache: crate::volume::CacheMode::Writeback,
         })
     }
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::backend::Backend;
 use super::bufpool::BufPool;
+use crate::aligned::AlignedBuf;
 use crate::metrics::{ConnStats, Op};
 use crate::nbd::consts::*;
 use crate::nbd::transmission::{Command, ReplyTo, SIMPLE_REPLY_LEN};
@@ -51,7 +52,7 @@ pub(super) fn request_kib(cmd: &Command, budget_kib: u32) -> u32 {
 /// `data` unless `split` says how they interleave.
 pub(super) struct Reply {
     pub(super) head: Vec<u8>,
-    pub(super) data: Option<Vec<u8>>,
+    pub(super) data: Option<AlignedBuf>,
     /// A READ answered in several chunks (data and holes): in order, the end of a stretch of
     /// `head` and the range of `data` that follows it; the rest of `head` comes last. Empty
     /// for every other reply (no allocation on the common path).
@@ -121,7 +122,7 @@ impl Reply {
     /// Bytes on the wire.
     pub(super) fn len(&self) -> usize {
         let data = if self.split.is_empty() {
-            self.data.as_ref().map_or(0, Vec::len)
+            self.data.as_ref().map_or(0, |d| d.len())
         } else {
             self.split.iter().map(|(_, r)| r.len()).sum()
         };
@@ -167,7 +168,7 @@ fn execute(
     pool: &BufPool,
     cmd: Command,
     to: ReplyTo,
-    payload: Vec<u8>,
+    payload: AlignedBuf,
 ) -> Reply {
     let fail = |e: io::Error| error_reply(to, nbd_errno(&e), &e.to_string());
     match cmd {
@@ -330,7 +331,7 @@ fn read_reply(
     to: ReplyTo,
     offset: u64,
     df: bool,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     r: io::Result<()>,
 ) -> Reply {
     if let Err(e) = r {
@@ -416,7 +417,7 @@ pub(super) fn execute_inline(
     pool: &BufPool,
     cmd: Command,
     to: ReplyTo,
-    payload: Vec<u8>,
+    payload: AlignedBuf,
 ) -> Result<Reply, Command> {
     let Command::Read { offset, length, df } = cmd else {
         return Ok(execute_guarded(backend, pool, cmd, to, payload));
@@ -441,7 +442,7 @@ pub(super) fn execute_guarded(
     pool: &BufPool,
     cmd: Command,
     to: ReplyTo,
-    payload: Vec<u8>,
+    payload: AlignedBuf,
 ) -> Reply {
     let run = || execute(backend, pool, cmd, to, payload);
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
@@ -488,7 +489,7 @@ mod tests {
             cookie: 1,
             offset: 0,
         };
-        let mut b = vec![0u8; 3 * 4096];
+        let mut b = AlignedBuf::zeroed(3 * 4096);
         b[4096..8192].fill(7);
         let r = read_reply(&pool, to, 0, false, b, Ok(()));
         let wire: Vec<u8> = r.pieces().concat();
@@ -511,7 +512,7 @@ mod tests {
             framing: Framing::Simple,
             ..to
         };
-        let r = read_reply(&pool, simple, 0, false, vec![0u8; 8192], Ok(()));
+        let r = read_reply(&pool, simple, 0, false, AlignedBuf::zeroed(8192), Ok(()));
         assert_eq!(r.pieces().concat().len(), 16 + 8192);
     }
 }

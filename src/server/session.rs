@@ -28,6 +28,7 @@ use super::exec::{
 };
 use super::identity::PeerIdentity;
 use super::{ServerConfig, threaded};
+use crate::aligned::AlignedBuf;
 use crate::nbd::DecodeError;
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, OPTION_HEADER_LEN};
@@ -665,7 +666,7 @@ async fn transmission(
             }
             p
         } else {
-            Vec::new()
+            AlignedBuf::default()
         };
         let (cmd, payload) = if runs_inline(&*backend, &cmd) {
             // Small requests are cheaper to serve here than to hand to another thread and back:
@@ -687,7 +688,7 @@ async fn transmission(
                     tally.end(&stats, errno);
                     continue;
                 }
-                Err(cmd) => (cmd, Vec::new()),
+                Err(cmd) => (cmd, AlignedBuf::default()),
             }
         } else {
             (cmd, payload)

@@ -40,6 +40,7 @@ use super::exec::{
     runs_inline,
 };
 use super::session::{BoxStream, DRAIN_AFTER_STOP, Terms, invalid, wait_true};
+use crate::aligned::AlignedBuf;
 use crate::nbd::DecodeError;
 use crate::nbd::transmission::{self as tx, Command, ExportLimits, ReplyTo};
 
@@ -541,7 +542,7 @@ fn serve_requests(
                 Err(e) => break Err(e),
             }
         } else {
-            Vec::new()
+            AlignedBuf::default()
         };
         let (cmd, payload) = if runs_inline(&*backend, &cmd) {
             match execute_inline(&*backend, &conn.pool, cmd, to, payload) {
@@ -557,7 +558,7 @@ fn serve_requests(
                     continue;
                 }
                 // A READ that would wait for the device: to the pool like a large one.
-                Err(cmd) => (cmd, Vec::new()),
+                Err(cmd) => (cmd, AlignedBuf::default()),
             }
         } else {
             (cmd, payload)
@@ -565,11 +566,14 @@ fn serve_requests(
         let Some(permit) = acquire(&in_flight, 1) else {
             break Ok(());
         };
+        // Writes that wait for a device (O_DIRECT, RBD) are not CPU-bound: not capped.
         let cpu = match cmd {
-            Command::Write { fua: false, .. } => match acquire(&write_workers, 1) {
-                Some(p) => Some(p),
-                None => break Ok(()),
-            },
+            Command::Write { fua: false, .. } if !backend.writes_wait() => {
+                match acquire(&write_workers, 1) {
+                    Some(p) => Some(p),
+                    None => break Ok(()),
+                }
+            }
             _ => None,
         };
         let (conn, backend, stats) = (conn.clone(), backend.clone(), stats.clone());

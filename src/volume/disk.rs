@@ -7,6 +7,9 @@
 //! connections may write at once). Units written whole take their stripe shared and units
 //! read-modify-written take it exclusive: whole-unit writes (the common case, and every large
 //! write) run in parallel, and only a partial unit waits for the other writes of its stripe.
+//! On a direct-I/O store whose block is larger than a unit (512-byte units, 4 KiB device
+//! blocks) the lock granule is that block, since the store rewrites whole blocks
+//! ([`BlockStore::io_align`]).
 
 use std::cell::RefCell;
 use std::fs::OpenOptions;
@@ -15,8 +18,10 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::VolumeError;
 use super::cipher::{Backend, SectorCipher, UnitSize, XtsKey, wipe};
+use super::direct::CacheMode;
 use super::header::{COPY_OFFSETS, HEADER_COPY_LEN, VolumeHeader};
 use super::store::{BlockStore, FileStore};
+use crate::aligned::AlignedBuf;
 use crate::zeroes::is_zero;
 
 const STRIPES: usize = 256;
@@ -28,6 +33,8 @@ pub struct Volume {
     cipher: SectorCipher,
     header: VolumeHeader,
     unit: u64,
+    /// What a stripe lock covers: a unit, or the store's direct-I/O block when larger.
+    granule: u64,
     read_only: bool,
     /// The header's encrypt-zeroes flag: zero plaintext is stored encrypted, and a stored
     /// all-zero unit reads as zeros only where the store has a hole.
@@ -38,8 +45,9 @@ pub struct Volume {
 }
 
 thread_local! {
-    /// Scratch for copies on the write path and partial units (no allocation per call).
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Scratch for copies on the write path and partial units (no allocation per call);
+    /// page-aligned, so a direct-I/O store reads and writes it without a bounce.
+    static SCRATCH: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
 }
 
 impl Volume {
@@ -132,6 +140,23 @@ impl Volume {
         )
     }
 
+    /// Opens a volume file in cache mode `cache` ([`FileStore::open`]; errors of direct I/O,
+    /// like a file system without it, come back as they are, to be named to the user).
+    pub fn open_file(
+        path: &Path,
+        key: XtsKey,
+        read_only: bool,
+        cache: CacheMode,
+    ) -> Result<Result<Volume, VolumeError>, super::DirectError> {
+        let store = FileStore::open(path, read_only, cache)?;
+        Ok(Self::open_with_store(
+            Box::new(store),
+            key,
+            read_only,
+            Backend::default(),
+        ))
+    }
+
     pub fn open_with_store(
         store: Box<dyn BlockStore>,
         key: XtsKey,
@@ -149,10 +174,12 @@ impl Volume {
                 "backing file shorter than the volume",
             ));
         }
+        let unit_len = u64::from(header.sector_size);
         Ok(Volume {
+            granule: unit_len.max(store.io_align()),
             store,
             cipher,
-            unit: u64::from(header.sector_size),
+            unit: unit_len,
             encrypt_zeroes: header.encrypt_zeroes(),
             header,
             read_only,
@@ -360,7 +387,7 @@ impl Volume {
                 self.store
                     .punch_hole(self.pos(first_whole), last_whole - first_whole)?;
             } else {
-                let zeros = vec![0u8; CHUNK.min((last_whole - first_whole) as usize)];
+                let zeros = AlignedBuf::zeroed(CHUNK.min((last_whole - first_whole) as usize));
                 let mut p = first_whole;
                 while p < last_whole {
                     let n = (last_whole - p).min(zeros.len() as u64) as usize;
@@ -531,12 +558,12 @@ impl Volume {
         &self.cow
     }
 
-    /// Locks the stripes of every unit a write of `[offset, offset+len)` touches, in stripe
-    /// order (no deadlock): exclusive for the (at most two) units written partly, since their
-    /// read-modify-write must not interleave with another write of the unit; shared for the
-    /// units written whole.
+    /// Locks the stripes of every granule (unit, or the store's larger direct-I/O block) a
+    /// write of `[offset, offset+len)` touches, in stripe order (no deadlock): exclusive for
+    /// the (at most two) granules written partly, since their read-modify-write must not
+    /// interleave with another write of the granule; shared for those written whole.
     fn lock_units(&self, offset: u64, len: u64) -> Vec<StripeGuard<'_>> {
-        let u = self.unit;
+        let u = self.granule;
         let end = offset + len;
         let first = offset / u;
         let last = (end - 1) / u;
@@ -576,12 +603,12 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut v) => {
             if v.len() < len {
-                v.resize(len, 0);
+                v.resize(len);
             }
             f(&mut v[..len])
         }
         // Re-entered (write -> write_mut): use a fresh buffer.
-        Err(_) => f(&mut vec![0u8; len]),
+        Err(_) => f(&mut AlignedBuf::zeroed(len)),
     })
 }
 

@@ -11,6 +11,7 @@
 
 mod awslc;
 pub mod cipher;
+mod direct;
 mod disk;
 pub mod header;
 #[cfg(feature = "rbd")]
@@ -22,6 +23,7 @@ pub mod store;
 use std::io;
 
 pub use cipher::{Backend as CipherBackend, SectorCipher, UnitSize, XtsKey};
+pub use direct::{CacheMode, DirectError, fs_name};
 pub use disk::{Volume, rewrite_header};
 pub use header::{CIPHER_NAME, DATA_OFFSET, KEY_BITS, VolumeHeader};
 #[cfg(feature = "rbd")]

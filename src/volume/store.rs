@@ -8,6 +8,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::direct::{self, CacheMode, DirectError};
+
 #[allow(
     clippy::len_without_is_empty,
     reason = "a store is never empty: it holds the headers"
@@ -45,6 +47,13 @@ pub trait BlockStore: Send + Sync {
     fn writes_wait(&self) -> bool {
         false
     }
+    /// The granule a write is done in: 1 for stores that write any byte range as such; for a
+    /// direct-I/O file ([`FileStore::direct`]) its block (512 or 4096), and a write that
+    /// covers a block partly reads and rewrites the whole block, so callers must keep other
+    /// writes of that block out meanwhile ([`Volume`](super::Volume) locks per granule).
+    fn io_align(&self) -> u64 {
+        1
+    }
 }
 
 /// A shared store is a store (tests keep a handle to inspect or inject faults).
@@ -79,13 +88,19 @@ impl<T: BlockStore + ?Sized> BlockStore for std::sync::Arc<T> {
     fn writes_wait(&self) -> bool {
         (**self).writes_wait()
     }
+    fn io_align(&self) -> u64 {
+        (**self).io_align()
+    }
 }
 
-/// A sparse file: pread/pwrite, fdatasync, fallocate(PUNCH_HOLE), SEEK_DATA/SEEK_HOLE.
+/// A sparse file: pread/pwrite, fdatasync, fallocate(PUNCH_HOLE), SEEK_DATA/SEEK_HOLE;
+/// through the page cache, or with O_DIRECT (`cache none`, [`super::direct`]).
 pub struct FileStore {
     file: File,
     /// Set once the file system refused `RWF_NOWAIT` (tmpfs does): plain reads from then on.
     no_nowait: AtomicBool,
+    /// O_DIRECT: the alignment every transfer needs (0: page cache).
+    direct: usize,
 }
 
 impl FileStore {
@@ -93,6 +108,38 @@ impl FileStore {
         FileStore {
             file,
             no_nowait: AtomicBool::new(false),
+            direct: 0,
+        }
+    }
+
+    /// A store over `file` opened with O_DIRECT, whose transfers need `align` (a power of two,
+    /// at most 4096: [`super::direct::open_direct`] finds it).
+    pub fn direct(file: File, align: usize) -> FileStore {
+        debug_assert!(align.is_power_of_two() && align <= crate::aligned::ALIGN);
+        FileStore {
+            file,
+            no_nowait: AtomicBool::new(true),
+            direct: align,
+        }
+    }
+
+    /// Opens `path` in `cache` mode (read-write unless `read_only`).
+    pub fn open(
+        path: &std::path::Path,
+        read_only: bool,
+        cache: CacheMode,
+    ) -> Result<FileStore, DirectError> {
+        match cache {
+            CacheMode::Writeback => Ok(FileStore::new(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(!read_only)
+                    .open(path)?,
+            )),
+            CacheMode::None => {
+                let (file, align) = direct::open_direct(path, read_only)?;
+                Ok(FileStore::direct(file, align))
+            }
         }
     }
 }
@@ -104,7 +151,22 @@ impl BlockStore for FileStore {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().map_or(u64::MAX, |m| m.blksize())
     }
+    fn io_align(&self) -> u64 {
+        self.direct.max(1) as u64
+    }
+    fn writes_wait(&self) -> bool {
+        // A direct write returns once the device has the data: not for a latency-critical
+        // thread.
+        self.direct != 0
+    }
     fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        if self.direct != 0 {
+            return if direct::aligned(buf, offset, self.direct) {
+                direct::read_direct(&self.file, buf, offset)
+            } else {
+                direct::read_bounced(&self.file, buf, offset, self.direct)
+            };
+        }
         while !buf.is_empty() {
             match self.file.read_at(buf, offset) {
                 Ok(0) => {
@@ -122,6 +184,10 @@ impl BlockStore for FileStore {
         Ok(())
     }
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if self.direct != 0 {
+            // No page cache to find the data in: every direct read waits for the device.
+            return Ok(false);
+        }
         if self.no_nowait.load(Ordering::Relaxed) {
             return self.read_at(buf, offset).map(|()| true);
         }
@@ -167,9 +233,13 @@ impl BlockStore for FileStore {
         }
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.direct != 0 && !direct::aligned(buf, offset, self.direct) {
+            return direct::write_bounced(&self.file, buf, offset, self.direct);
+        }
         self.file.write_all_at(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
+        // Also with O_DIRECT: the data may sit in the device's volatile write cache.
         self.file.sync_data()
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {

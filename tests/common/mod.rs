@@ -26,9 +26,15 @@ impl Env {
     /// (for certificate paths and the like) and returns TOML whose tables are merged key by
     /// key into the base config, so `[nbd]\ntcp = ...` adds to the base's `[nbd]`.
     pub fn with_config(extra: impl FnOnce(&Path) -> String) -> Env {
+        Env::with_config_in(Path::new("/tmp"), extra)
+    }
+
+    /// Like [`Env::with_config`], with the temp dir (state dir, volumes) under `base`: for
+    /// tests that need a particular file system (direct I/O, tmpfs).
+    pub fn with_config_in(base: &Path, extra: impl FnOnce(&Path) -> String) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("cv")
-            .tempdir_in("/tmp")
+            .tempdir_in(base)
             .unwrap();
         let state = dir.path().join("s");
         let o = Command::new(BIN)
