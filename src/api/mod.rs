@@ -194,7 +194,7 @@ fn volume_op(m: &Method, path: &str) -> Option<&'static str> {
         (&Method::POST, ["v1", "volumes"]) => Some("create"),
         (&Method::DELETE, ["v1", "volumes", _]) => Some("delete"),
         (&Method::POST, ["v1", "volumes", _, a]) => {
-            ["import", "attach", "detach", "resize", "rewrap"]
+            ["import", "attach", "detach", "resize", "rewrap", "reencrypt"]
                 .into_iter()
                 .find(|k| k == a)
         }
@@ -433,6 +433,16 @@ async fn route_inner(
                         d.resize(&name, size)?
                     }
                     "rewrap" => d.rewrap(&c, &name)?,
+                    "reencrypt" => d.reencrypt(
+                        &c,
+                        &name,
+                        &crate::daemon::ReencRequest {
+                            key: str_field(&b, "key")?.map(str::to_owned),
+                            max_rate: num_field(&b, "max_rate")?,
+                            pause: bool_field(&b, "pause"),
+                            resume: bool_field(&b, "resume"),
+                        },
+                    )?,
                     "set" => {
                         d.set_qos(&name, num_field(&b, "iops")?, num_field(&b, "bandwidth")?)?
                     }

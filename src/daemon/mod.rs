@@ -11,6 +11,7 @@ mod ceph;
 pub mod exports;
 mod metrics;
 mod qos;
+mod reencrypt;
 mod run;
 mod state;
 mod sys;
@@ -31,6 +32,7 @@ use crate::server::{Qos, QosLimits};
 use crate::volume::{CIPHER_NAME, CipherBackend, Volume, VolumeError, VolumeHeader, XtsKey};
 use exports::{Attached, Exports, Fence, VolumeBackend};
 pub use run::{Running, demo, init_state_dir, serve};
+pub use reencrypt::{ReencInfo, ReencRequest};
 use state::{AttachState, Registered, Registry};
 
 /// The alias of the key used when a volume is created without `--key`.
@@ -118,6 +120,9 @@ pub struct VolumeInfo {
     pub status: String,
     /// Per-volume limits (SPEC §9; 0 = unlimited).
     pub qos: QosLimits,
+    /// An online re-encryption in progress (or done since the daemon started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reencrypt: Option<ReencInfo>,
 }
 
 pub struct Daemon {
@@ -143,6 +148,8 @@ pub struct Daemon {
     /// by [`Daemon::start_fence_worker`].
     fence_tx: std::sync::Mutex<std::sync::mpsc::Sender<(String, usize)>>,
     fence_rx: std::sync::Mutex<Option<std::sync::mpsc::Receiver<(String, usize)>>>,
+    /// Online re-encryption workers.
+    reenc: reencrypt::Jobs,
 }
 
 /// Where a volume's bytes are.
@@ -220,6 +227,7 @@ fn registered(h: &VolumeHeader, pool: Option<&str>) -> Registered {
         key_id: h.key_id.clone(),
         generation: h.generation,
         pool: pool.map(str::to_owned),
+        next_key_id: h.reencrypt.as_ref().map(|r| r.new_key_id.clone()),
     }
 }
 
@@ -306,6 +314,7 @@ impl Daemon {
             fenced: std::sync::Mutex::new(BTreeMap::new()),
             fence_tx: std::sync::Mutex::new(fence_tx),
             fence_rx: std::sync::Mutex::new(Some(fence_rx)),
+            reenc: reencrypt::Jobs::default(),
         };
         if migrate {
             d.adopt_existing()?;
@@ -391,6 +400,7 @@ impl Daemon {
                 h.key_id, h.key_version, w.key_id, w.key_version
             )));
         }
+        reencrypt::check_new_key(name, h)?;
         let place = loc.describe(name);
         let mut reg = self.registry();
         match reg.get(name).cloned() {
@@ -398,7 +408,7 @@ impl Daemon {
                 "volume {name:?} is volume_id {}, but its backing store {place} holds volume_id {}: refused",
                 r.volume_id, h.volume_id
             ))),
-            Some(r) if r.key_id != h.key_id => Err(DaemonError::Untrusted(format!(
+            Some(r) if r.key_id != h.key_id && r.next_key_id.as_ref() != Some(&h.key_id) => Err(DaemonError::Untrusted(format!(
                 "volume {name:?} is under key {}, but the header in {place} names key {}: refused",
                 r.key_id, h.key_id
             ))),
@@ -407,7 +417,10 @@ impl Daemon {
                 h.generation, r.generation
             ))),
             Some(r) => {
-                if h.generation > r.generation || r.pool.as_deref() != loc.pool() {
+                if h.generation > r.generation
+                    || r.pool.as_deref() != loc.pool()
+                    || r.key_id != h.key_id
+                {
                     reg.insert(name, registered(h, loc.pool()));
                     reg.save(&self.state_dir)?;
                 }
@@ -877,6 +890,7 @@ impl Daemon {
                 .map_or(0, |a| a.clients.load(Ordering::SeqCst)),
             status,
             qos: QosLimits::default(),
+            reencrypt: None,
         }
     }
 
@@ -944,6 +958,7 @@ impl Daemon {
                 .map_or(0, |a| a.clients.load(Ordering::SeqCst)),
             status,
             qos: self.qos_of(h.volume_id)?,
+            reencrypt: reencrypt::info(self, name, &h),
         })
     }
 
@@ -997,17 +1012,9 @@ impl Daemon {
                 }
             )));
         }
-        let unwrap = |h: &VolumeHeader| -> Result<XtsKey, DaemonError> {
-            let (_, _, dek) =
-                self.kms
-                    .decrypt_datakey(c, &h.wrapped_dek, &volume_context(h.volume_id))?;
-            XtsKey::new(dek.expose()).map_err(Self::vol_err(name))
-        };
         let (vol, fence, raw, release) = match &loc {
             Loc::File(path) => {
-                let (h, _) = self.trusted_header(name, &loc)?;
-                let vol =
-                    Volume::open(path, unwrap(&h)?, read_only).map_err(Self::vol_err(name))?;
+                let (vol, h) = self.open_file_volume(c, name, &loc, path, read_only)?;
                 if vol.header() != &h {
                     return Err(DaemonError::Conflict(
                         "volume header changed during attach".into(),
@@ -1030,9 +1037,15 @@ impl Daemon {
                 };
                 let h = Volume::read_header_in(store.as_ref()).map_err(Self::vol_err(name))?;
                 self.check_trusted(name, &loc, &h)?;
-                let vol = Volume::open_with_store(
+                let (old, new) = self.volume_keys(c, name, &h)?;
+                if let (Some(n), false) = (&new, read_only) {
+                    crate::volume::reencrypt::recover(store.as_ref(), &old, n)
+                        .map_err(Self::vol_err(name))?;
+                }
+                let vol = Volume::open_with_keys(
                     Box::new(store.clone()),
-                    unwrap(&h)?,
+                    old,
+                    new,
                     read_only,
                     CipherBackend::default(),
                 )
@@ -1150,7 +1163,11 @@ impl Daemon {
         };
         let h = match &loc {
             Loc::File(path) => {
-                self.trusted_header(name, &loc)?;
+                if self.trusted_header(name, &loc)?.0.reencrypt.is_some() {
+                    return Err(DaemonError::Conflict(format!(
+                        "volume {name:?} is being re-encrypted; resize it afterwards"
+                    )));
+                }
                 Volume::grow(path, new_size).map_err(grow_err)?
             }
             Loc::Rbd(_) => {
@@ -1191,6 +1208,11 @@ impl Daemon {
                     (h, Some(store))
                 }
             };
+        if h.reencrypt.is_some() {
+            return Err(DaemonError::Conflict(format!(
+                "volume {name:?} is being re-encrypted (it gets a new data key); rewrap it afterwards"
+            )));
+        }
         let ctx = volume_context(h.volume_id);
         let (key_id, _, dek) = self.kms.decrypt_datakey(c, &h.wrapped_dek, &ctx)?;
         let wrapped = self.kms.encrypt_datakey(c, &key_id, dek.expose(), &ctx)?;
@@ -1249,6 +1271,7 @@ impl Daemon {
 
     /// delete: refused while attached here, or (RBD) while another host holds its lock.
     pub fn delete(&self, name: &str) -> Result<(), DaemonError> {
+        self.reenc_stop(name);
         let _g = self.lock_ops();
         let loc = self.locate(name)?;
         if self.exports.get(name).is_some() {

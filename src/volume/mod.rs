@@ -15,6 +15,7 @@ mod disk;
 pub mod header;
 #[cfg(feature = "rbd")]
 pub mod rbd;
+pub mod reencrypt;
 mod soft;
 pub mod store;
 
