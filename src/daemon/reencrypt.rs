@@ -96,7 +96,12 @@ pub(super) fn info(d: &Daemon, name: &str, h: &VolumeHeader) -> Option<ReencInfo
         .and_then(|c| c.error.lock().unwrap_or_else(|e| e.into_inner()).clone());
     match &h.reencrypt {
         Some(r) => Some(ReencInfo {
-            state: if r.state & REENC_PAUSED != 0 || ctl.as_ref().is_some_and(|c| c.paused.load(Ordering::SeqCst)) {
+            // The worker's control block is ahead of the header (it records a change at its
+            // next step).
+            state: if ctl
+                .as_ref()
+                .map_or(r.state & REENC_PAUSED != 0, |c| c.paused.load(Ordering::SeqCst))
+            {
                 "paused".into()
             } else {
                 "running".into()

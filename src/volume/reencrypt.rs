@@ -120,14 +120,15 @@ impl Keys<'_> {
         };
         let u = self.old.unit().bytes();
         let n = (data.len() / u) as u64;
+        // Units below the boundary are under the new key.
         if first >= b {
-            go(new, first, data);
-        } else if first + n <= b {
             go(self.old, first, data);
+        } else if first + n <= b {
+            go(new, first, data);
         } else {
             let (lo, hi) = data.split_at_mut((b - first) as usize * u);
-            go(self.old, first, lo);
-            go(new, b, hi);
+            go(new, first, lo);
+            go(self.old, b, hi);
         }
     }
 }
@@ -653,11 +654,13 @@ mod tests {
                 probe += 64 << 10;
             }
         };
-        // Every 4093rd byte, and every 97th byte of the first header writes and of the
-        // first segment's journal header.
-        let mut cuts: Vec<u64> = (0..=total).step_by(4093).collect();
-        cuts.extend((0..3 * 8192).step_by(97));
-        cuts.extend((8192 + (256 << 10)..8192 + (256 << 10) + 8192).step_by(89));
+        // Every 16381st byte, and finely across the start's header update, the first
+        // segment's journal, journal header update, data and boundary header update.
+        let mut cuts: Vec<u64> = (0..=total).step_by(16381).collect();
+        let seg = 256 << 10;
+        cuts.extend((0..8192 + 64).step_by(331));
+        cuts.extend((8192 + seg - 64..8192 + seg + 8192 + 64).step_by(293));
+        cuts.extend((16384 + 2 * seg - 64..16384 + 2 * seg + 8192 + 64).step_by(307));
         for cut in cuts {
             let s = Arc::new(base.duplicate());
             s.fail_after(cut, libc::EIO);
