@@ -225,13 +225,21 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
     env.start();
     env.json(&["key", "create", "--alias", "k"]);
     env.json(&["key", "create", "--alias", "k2"]);
-    let k2 = env.json(&["key", "describe", "k2"])["key_id"]
+    let k2 = env.json(&["key", "describe", "k2"])["key_info"]["key_id"]
         .as_str()
         .unwrap()
         .to_owned();
     for (n, s) in [("v", sector_v), ("w", sector_w)] {
         env.json(&[
-            "volume", "create", n, "--size", "12M", "--key", "k", "--sector-size", s,
+            "volume",
+            "create",
+            n,
+            "--size",
+            "12M",
+            "--key",
+            "k",
+            "--sector-size",
+            s,
         ]);
         env.json(&["volume", "attach", n]);
     }
@@ -249,9 +257,25 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
                 .to_owned()
         })
         .collect();
-    let r = env.json(&["volume", "reencrypt", "v", "--key", "k2", "--max-rate", "384K"]);
+    let r = env.json(&[
+        "volume",
+        "reencrypt",
+        "v",
+        "--key",
+        "k2",
+        "--max-rate",
+        "384K",
+    ]);
     assert_eq!(r["reencrypt"]["state"], "running", "{r}");
-    env.json(&["volume", "reencrypt", "w", "--key", "k2", "--max-rate", "384K"]);
+    env.json(&[
+        "volume",
+        "reencrypt",
+        "w",
+        "--key",
+        "k2",
+        "--max-rate",
+        "384K",
+    ]);
     assert!(env.stop().success(), "{}", env.log());
 
     let mut seed = std::process::id() as u64 | 1;
@@ -273,7 +297,13 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-        let mut b = Proc(bench(&env, "w", "30s").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        let mut b = Proc(
+            bench(&env, "w", "30s")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let mut w = Proc(
             Command::new(python())
                 .arg(root.join("tests/py/crash_writer.py"))
@@ -303,18 +333,22 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
         let _ = b.0.kill();
         let _ = b.0.wait();
         env.start();
-        let o = Command::new(python())
-            .arg(root.join("tests/py/crash_check.py"))
-            .args([&uv, "256", &flushed.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "round {round} (flushed {flushed}): {}{}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            env.log()
-        );
+        // flushed 0: the abort hook took the daemon down before the writer's first FLUSH;
+        // nothing was promised (blocks may still be zeros), so only the pattern is checked.
+        if flushed > 0 {
+            let o = Command::new(python())
+                .arg(root.join("tests/py/crash_check.py"))
+                .args([&uv, "256", &flushed.to_string()])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "round {round} (flushed {flushed}): {}{}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr),
+                env.log()
+            );
+        }
         py(PATTERN, &[&uv, "c", "256", "1024", "7"]);
         percents.push(reenc_state(&env, "v").1);
         // The writer starts from round 1 again: reset its blocks.
@@ -393,18 +427,33 @@ fn pause_survives_restart_and_resume_finishes_detached() {
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(reenc_state(&env, "d").1, p1, "a paused re-encryption moved");
     assert!(p1 >= p0);
-    assert!(env.fails(&["volume", "resize", "d", "--size", "16M"]).contains("re-encrypted"));
+    assert!(
+        env.fails(&["volume", "resize", "d", "--size", "16M"])
+            .contains("re-encrypted")
+    );
     let r = env.json(&["volume", "reencrypt", "d", "--resume", "--max-rate", "0"]);
     assert_eq!(r["reencrypt"]["state"], "running", "{r}");
     // --wait on the one in progress: returns when done.
     let out = env.cli(&["volume", "reencrypt", "d", "--wait", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(done["reencrypt"]["state"], "done", "{done}");
     assert_eq!(done["key_id"], key.as_str(), "same CMK by default");
     env.json(&["volume", "attach", "d"]);
     let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0x6b 0 6M", "-c", "read -P 0 6M 2M", &env.uri("d")])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x6b 0 6M",
+            "-c",
+            "read -P 0 6M 2M",
+            &env.uri("d"),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
@@ -427,15 +476,30 @@ fn empty_one_tib_volume_reencrypts() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = env.cli(&["volume", "reencrypt", "big", "--wait", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(done["reencrypt"]["state"], "done", "{done}");
     let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0x33 700G 64k", "-c", "read -P 0 1G 1M", &env.uri("big")])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x33 700G 64k",
+            "-c",
+            "read -P 0 1G 1M",
+            &env.uri("big"),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && !text.contains("fail"), "{text}");
-    assert!(common::file_blocks(&env.volume_path("big")) < 4096, "holes were filled");
+    assert!(
+        common::file_blocks(&env.volume_path("big")) < 4096,
+        "holes were filled"
+    );
     assert!(env.stop().success(), "{}", env.log());
 }

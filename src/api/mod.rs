@@ -193,11 +193,16 @@ fn volume_op(m: &Method, path: &str) -> Option<&'static str> {
     match (m, parts.as_slice()) {
         (&Method::POST, ["v1", "volumes"]) => Some("create"),
         (&Method::DELETE, ["v1", "volumes", _]) => Some("delete"),
-        (&Method::POST, ["v1", "volumes", _, a]) => {
-            ["import", "attach", "detach", "resize", "rewrap", "reencrypt"]
-                .into_iter()
-                .find(|k| k == a)
-        }
+        (&Method::POST, ["v1", "volumes", _, a]) => [
+            "import",
+            "attach",
+            "detach",
+            "resize",
+            "rewrap",
+            "reencrypt",
+        ]
+        .into_iter()
+        .find(|k| k == a),
         _ => None,
     }
 }

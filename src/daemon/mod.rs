@@ -31,8 +31,8 @@ use crate::kms::{Caller, EncryptionContext, KeyState, Kms, KmsError};
 use crate::server::{Qos, QosLimits};
 use crate::volume::{CIPHER_NAME, CipherBackend, Volume, VolumeError, VolumeHeader, XtsKey};
 use exports::{Attached, Exports, Fence, VolumeBackend};
-pub use run::{Running, demo, init_state_dir, serve};
 pub use reencrypt::{ReencInfo, ReencRequest};
+pub use run::{Running, demo, init_state_dir, serve};
 use state::{AttachState, Registered, Registry};
 
 /// The alias of the key used when a volume is created without `--key`.
@@ -408,10 +408,12 @@ impl Daemon {
                 "volume {name:?} is volume_id {}, but its backing store {place} holds volume_id {}: refused",
                 r.volume_id, h.volume_id
             ))),
-            Some(r) if r.key_id != h.key_id && r.next_key_id.as_ref() != Some(&h.key_id) => Err(DaemonError::Untrusted(format!(
-                "volume {name:?} is under key {}, but the header in {place} names key {}: refused",
-                r.key_id, h.key_id
-            ))),
+            Some(r) if r.key_id != h.key_id && r.next_key_id.as_ref() != Some(&h.key_id) => {
+                Err(DaemonError::Untrusted(format!(
+                    "volume {name:?} is under key {}, but the header in {place} names key {}: refused",
+                    r.key_id, h.key_id
+                )))
+            }
             Some(r) if h.generation < r.generation => Err(DaemonError::Untrusted(format!(
                 "volume {name:?}: the header in {place} is generation {}, older than generation {} written before (rolled back): refused",
                 h.generation, r.generation

@@ -98,10 +98,9 @@ pub(super) fn info(d: &Daemon, name: &str, h: &VolumeHeader) -> Option<ReencInfo
         Some(r) => Some(ReencInfo {
             // The worker's control block is ahead of the header (it records a change at its
             // next step).
-            state: if ctl
-                .as_ref()
-                .map_or(r.state & REENC_PAUSED != 0, |c| c.paused.load(Ordering::SeqCst))
-            {
+            state: if ctl.as_ref().map_or(r.state & REENC_PAUSED != 0, |c| {
+                c.paused.load(Ordering::SeqCst)
+            }) {
                 "paused".into()
             } else {
                 "running".into()
@@ -170,10 +169,16 @@ impl Daemon {
         let (mut h, _) = self.trusted_header(name, loc)?;
         let (mut old, mut new) = self.volume_keys(c, name, &h)?;
         if h.reencrypt.as_ref().is_some_and(|r| r.journal_len > 0) {
-            let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)?;
             let n = new.as_ref().ok_or_else(|| conflict("no new key"))?;
             engine::recover(&FileStore::new(f), &old, n).map_err(Self::vol_err(name))?;
-            tracing::info!(volume = name, "re-encryption: replayed the journaled segment");
+            tracing::info!(
+                volume = name,
+                "re-encryption: replayed the journaled segment"
+            );
             h = self.trusted_header(name, loc)?.0;
             (old, new) = self.volume_keys(c, name, &h)?;
         }
@@ -190,7 +195,9 @@ impl Daemon {
         req: &ReencRequest,
     ) -> Result<VolumeInfo, DaemonError> {
         if req.pause && req.resume {
-            return Err(DaemonError::Invalid("--pause and --resume exclude each other".into()));
+            return Err(DaemonError::Invalid(
+                "--pause and --resume exclude each other".into(),
+            ));
         }
         let g = self.lock_ops();
         let loc = self.locate(name)?;
@@ -198,7 +205,9 @@ impl Daemon {
         let attached = self.exports.get(name);
         if let Some(r) = &h.reencrypt {
             if req.key.is_some() {
-                return Err(conflict("a re-encryption is in progress; --key applies to a new one"));
+                return Err(conflict(
+                    "a re-encryption is in progress; --key applies to a new one",
+                ));
             }
             let ctl = self.reenc_ctl(name);
             if req.pause {
@@ -243,11 +252,17 @@ impl Daemon {
         drop(plain);
         let rate = req.max_rate.unwrap_or(0);
         let begin = |v: &Volume| {
-            v.begin_reencrypt(&new_key, &wh.key_id.to_string(), wh.key_version, wrapped.clone(), rate)
-                .map_err(|e| match e {
-                    VolumeError::Invalid(why) => conflict(why),
-                    e => Self::vol_err(name)(e),
-                })
+            v.begin_reencrypt(
+                &new_key,
+                &wh.key_id.to_string(),
+                wh.key_version,
+                wrapped.clone(),
+                rate,
+            )
+            .map_err(|e| match e {
+                VolumeError::Invalid(why) => conflict(why),
+                e => Self::vol_err(name)(e),
+            })
         };
         let nh = match &attached {
             Some(a) => begin(&a.backend.0)?,
@@ -294,7 +309,9 @@ impl Daemon {
             .spawn(move || worker(d, &n, &ctl))
         {
             Ok(t) => e.1 = Some(t),
-            Err(err) => tracing::error!(volume = name, error = %err, "cannot start the re-encryption thread"),
+            Err(err) => {
+                tracing::error!(volume = name, error = %err, "cannot start the re-encryption thread")
+            }
         }
     }
 
@@ -321,13 +338,16 @@ impl Daemon {
             return;
         };
         for name in names {
-            let Ok(loc) = self.locate(&name) else { continue };
+            let Ok(loc) = self.locate(&name) else {
+                continue;
+            };
             let Ok((h, _)) = self.trusted_header(&name, &loc) else {
                 continue;
             };
             if let Some(r) = &h.reencrypt {
                 let ctl = self.reenc_ctl(&name);
-                ctl.paused.store(r.state & REENC_PAUSED != 0, Ordering::SeqCst);
+                ctl.paused
+                    .store(r.state & REENC_PAUSED != 0, Ordering::SeqCst);
                 ctl.rate.store(r.max_rate, Ordering::SeqCst);
                 tracing::info!(volume = %name, boundary = r.boundary, paused = r.state & REENC_PAUSED != 0, "resuming the re-encryption");
                 self.reenc_spawn(&name);
@@ -413,7 +433,10 @@ fn worker(d: Weak<Daemon>, name: &str, ctl: &Ctl) {
                         key_id: Some(&h.key_id),
                         ..Subject::default()
                     };
-                    if let Err(e) = d.kms.audit_event(&Caller::DAEMON, "reencryptVolumeDone", s, "ok") {
+                    if let Err(e) =
+                        d.kms
+                            .audit_event(&Caller::DAEMON, "reencryptVolumeDone", s, "ok")
+                    {
                         tracing::error!(volume = name, error = %e, "audit log append failed");
                     }
                     tracing::info!(volume = name, key_id = %h.key_id, "re-encryption done; the old data key is gone from the header");

@@ -553,12 +553,7 @@ impl Volume {
 
     /// Calls `f` on each run of consecutive units that are not all zero (one backend call per
     /// run), with the index of the run's first unit; all-zero units are left as they are.
-    fn for_nonzero_runs(
-        &self,
-        first: u64,
-        data: &mut [u8],
-        f: impl Fn(u64, &mut [u8]),
-    ) {
+    fn for_nonzero_runs(&self, first: u64, data: &mut [u8], f: impl Fn(u64, &mut [u8])) {
         let u = self.unit as usize;
         let mut i = 0;
         while i < data.len() {

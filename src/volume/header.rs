@@ -163,12 +163,15 @@ impl VolumeHeader {
                 && (!r.journal_start.is_multiple_of(unit)
                     || !u64::from(r.journal_len).is_multiple_of(unit)
                     || u64::from(r.journal_len) > JOURNAL_LEN
-                    || r.journal_start.checked_add(u64::from(r.journal_len))
+                    || r.journal_start
+                        .checked_add(u64::from(r.journal_len))
                         .is_none_or(|e| e > self.size))
             {
                 return bad("re-encryption journal out of range");
             }
-            if r.new_key_id.is_empty() || r.new_key_id.len() > KEY_ID_LEN || !r.new_key_id.is_ascii()
+            if r.new_key_id.is_empty()
+                || r.new_key_id.len() > KEY_ID_LEN
+                || !r.new_key_id.is_ascii()
             {
                 return bad("new key id must be 1..64 ASCII bytes");
             }

@@ -29,7 +29,9 @@ use aws_lc_rs::digest;
 use super::VolumeError;
 use super::cipher::{Backend, SectorCipher, UnitSize, XtsKey};
 use super::disk::{Volume, read_header_from, rewrite_header};
-use super::header::{FLAG_REENCRYPT, JOURNAL_AT, JOURNAL_LEN, REENC_PAUSED, Reencrypt, VolumeHeader};
+use super::header::{
+    FLAG_REENCRYPT, JOURNAL_AT, JOURNAL_LEN, REENC_PAUSED, Reencrypt, VolumeHeader,
+};
 use super::store::BlockStore;
 use crate::zeroes::is_zero;
 
@@ -113,7 +115,11 @@ impl Keys<'_> {
     }
     fn run(&self, first: u64, data: &mut [u8], enc: bool) {
         let go = |c: &SectorCipher, f: u64, d: &mut [u8]| {
-            if enc { c.encrypt(f, d) } else { c.decrypt(f, d) }
+            if enc {
+                c.encrypt(f, d)
+            } else {
+                c.decrypt(f, d)
+            }
         };
         let Some((new, b)) = self.new else {
             return go(self.old, first, data);
@@ -237,7 +243,9 @@ impl Volume {
         }
         let mut h = self.current_header()?;
         if h.reencrypt.is_some() {
-            return Err(VolumeError::Invalid("a re-encryption is already in progress"));
+            return Err(VolumeError::Invalid(
+                "a re-encryption is already in progress",
+            ));
         }
         h.flags |= FLAG_REENCRYPT;
         h.reencrypt = Some(Reencrypt {
@@ -282,7 +290,11 @@ impl Volume {
             .reencrypt
             .as_mut()
             .ok_or(VolumeError::Invalid("no re-encryption in progress"))?;
-        r.state = if paused { r.state | REENC_PAUSED } else { r.state & !REENC_PAUSED };
+        r.state = if paused {
+            r.state | REENC_PAUSED
+        } else {
+            r.state & !REENC_PAUSED
+        };
         r.max_rate = max_rate;
         *h = rewrite_header(self.store.as_ref(), &n)?;
         Ok(())
@@ -425,7 +437,10 @@ fn plan(
         let mut off = 0u64;
         for (len, hole) in store.allocation(at, buf.len() as u64)? {
             if !hole {
-                let (a, b) = ((off / u) as usize, ((off + len).div_ceil(u) as usize).min(p.len()));
+                let (a, b) = (
+                    (off / u) as usize,
+                    ((off + len).div_ceil(u) as usize).min(p.len()),
+                );
                 p[a..b].fill(true);
             }
             off += len;
@@ -506,7 +521,16 @@ fn replay_journal(
     }
     let at = h.data_offset + r.journal_start;
     let p = plan(store, at, &buf, u, encrypt_zeroes)?;
-    let n = apply(store, h.data_offset, r.journal_start, &mut buf, &p, u, old, new)?;
+    let n = apply(
+        store,
+        h.data_offset,
+        r.journal_start,
+        &mut buf,
+        &p,
+        u,
+        old,
+        new,
+    )?;
     store.sync()?;
     advance(store, h, r.journal_start + u64::from(r.journal_len))?;
     Ok(n)
@@ -521,7 +545,8 @@ pub fn recover(
 ) -> Result<VolumeHeader, VolumeError> {
     let mut h = read_header_from(store)?;
     if h.reencrypt.as_ref().is_some_and(|r| r.journal_len > 0) {
-        let unit = UnitSize::from_bytes(h.sector_size).ok_or(VolumeError::BadHeader("sector size"))?;
+        let unit =
+            UnitSize::from_bytes(h.sector_size).ok_or(VolumeError::BadHeader("sector size"))?;
         let o = SectorCipher::new(old, unit, Backend::default())?;
         let n = SectorCipher::new(new, unit, Backend::default())?;
         let ez = h.encrypt_zeroes();
@@ -731,8 +756,8 @@ mod tests {
     #[test]
     fn holes_are_skipped_with_header_writes_only() {
         let store = Arc::new(MemStore::new());
-        let h = VolumeHeader::new(Uuid::from_u128(8), 64 << 30, 4096, "old", 1, vec![1; 90])
-            .unwrap();
+        let h =
+            VolumeHeader::new(Uuid::from_u128(8), 64 << 30, 4096, "old", 1, vec![1; 90]).unwrap();
         Volume::create_with_store(store.as_ref(), &h).unwrap();
         let v = open(&store);
         v.write(5 << 30, &[7u8; 4096]).unwrap();
@@ -747,7 +772,10 @@ mod tests {
             }
         }
         v.finish_reencrypt(&mut h).unwrap();
-        assert!(steps < 20, "{steps} steps for a 64 GiB volume with one written unit");
+        assert!(
+            steps < 20,
+            "{steps} steps for a 64 GiB volume with one written unit"
+        );
         let mut got = [0u8; 4096];
         open(&store).read(5 << 30, &mut got).unwrap();
         assert_eq!(got, [7u8; 4096]);
