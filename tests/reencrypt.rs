@@ -264,7 +264,7 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
         "--key",
         "k2",
         "--max-rate",
-        "384K",
+        "96K",
     ]);
     assert_eq!(r["reencrypt"]["state"], "running", "{r}");
     env.json(&[
@@ -274,7 +274,7 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
         "--key",
         "k2",
         "--max-rate",
-        "384K",
+        "256K",
     ]);
     assert!(env.stop().success(), "{}", env.log());
 

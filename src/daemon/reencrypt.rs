@@ -52,17 +52,17 @@ struct Ctl {
     error: Mutex<Option<String>>,
 }
 
+/// A job: its control block and its worker thread (if one was started).
+type Job = (Arc<Ctl>, Option<std::thread::JoinHandle<()>>);
+
 /// The jobs, by volume name.
 #[derive(Default)]
 pub struct Jobs {
-    map: Mutex<BTreeMap<String, (Arc<Ctl>, Option<std::thread::JoinHandle<()>>)>>,
+    map: Mutex<BTreeMap<String, Job>>,
 }
 
 impl Jobs {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (Arc<Ctl>, Option<std::thread::JoinHandle<()>>)>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Job>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -70,7 +70,7 @@ impl Jobs {
 /// The volume a step runs on.
 enum Target {
     Attached(Arc<super::exports::VolumeBackend>),
-    Own(Volume),
+    Own(Box<Volume>),
 }
 
 impl Target {
@@ -360,7 +360,7 @@ impl Daemon {
     fn reenc_target(
         &self,
         name: &str,
-        own: &mut Option<Volume>,
+        own: &mut Option<Box<Volume>>,
     ) -> Result<Option<Target>, DaemonError> {
         match self.exports.get(name) {
             Some(a) if a.read_only => {
@@ -379,8 +379,10 @@ impl Daemon {
                         let Loc::File(path) = &loc else {
                             return Ok(None);
                         };
-                        self.open_file_volume(&Caller::DAEMON, name, &loc, path, false)?
-                            .0
+                        Box::new(
+                            self.open_file_volume(&Caller::DAEMON, name, &loc, path, false)?
+                                .0,
+                        )
                     }
                 };
                 Ok(Some(Target::Own(v)))
@@ -391,7 +393,7 @@ impl Daemon {
 
 /// The worker: steps until done, stopped, or the daemon is gone.
 fn worker(d: Weak<Daemon>, name: &str, ctl: &Ctl) {
-    let mut own: Option<Volume> = None;
+    let mut own: Option<Box<Volume>> = None;
     let mut next = Instant::now();
     let set_err = |e: Option<String>| *ctl.error.lock().unwrap_or_else(|e| e.into_inner()) = e;
     loop {
