@@ -477,8 +477,13 @@ fn worker(d: Weak<Daemon>, name: &str, ctl: &Ctl) {
                         next = f;
                     }
                     next += Duration::from_secs_f64(n as f64 / rate as f64);
-                    if next > now {
-                        std::thread::sleep(next - now);
+                    // In slices, so that stop, pause and a new rate apply promptly.
+                    while Instant::now() < next
+                        && !ctl.stop.load(Ordering::SeqCst)
+                        && !ctl.paused.load(Ordering::SeqCst)
+                        && ctl.rate.load(Ordering::SeqCst) == rate
+                    {
+                        std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
                     }
                 }
             }
