@@ -26,7 +26,7 @@ const KEY_ID_LEN: usize = 64;
 /// between the second header copy and the data area.
 pub const JOURNAL_AT: u64 = 64 << 10;
 /// Largest journaled segment.
-pub const JOURNAL_LEN: u64 = 256 << 10;
+pub const JOURNAL_LEN: u64 = 768 << 10;
 const CIPHER_LEN: usize = 32;
 const CHECKSUM_AT: usize = HEADER_COPY_LEN - 32;
 /// Feature flags (u32) sit just before the checksum; zero in volumes made before they existed.

@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!  data area:  | units < boundary: new DEK | segment in flight | units >= boundary: old DEK |
-//!  journal:    bytes 64 KiB .. 320 KiB of the store (between header B and the data area)
-//!  one segment (256 KiB at the boundary), frozen for I/O from 1 to 4:
+//!  journal:    bytes 64 KiB .. 832 KiB of the store (between header B and the data area)
+//!  one segment (768 KiB at the boundary), frozen for I/O from 1 to 4:
 //!   1. read its old ciphertext; nothing to rewrite (holes, thin zeros) -> go to 4
 //!   2. copy it to the journal, sync; header names the journal (start, length, SHA-256)
 //!   3. rewrite its units in place under the new DEK, sync
@@ -682,7 +682,7 @@ mod tests {
         // Every 16381st byte, and finely across the start's header update, the first
         // segment's journal, journal header update, data and boundary header update.
         let mut cuts: Vec<u64> = (0..=total).step_by(16381).collect();
-        let seg = 256 << 10;
+        let seg = SEGMENT;
         cuts.extend((0..8192 + 64).step_by(331));
         cuts.extend((8192 + seg - 64..8192 + seg + 8192 + 64).step_by(293));
         cuts.extend((16384 + 2 * seg - 64..16384 + 2 * seg + 8192 + 64).step_by(307));
