@@ -235,7 +235,7 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
             "create",
             n,
             "--size",
-            "12M",
+            "20M",
             "--key",
             "k",
             "--sector-size",
@@ -244,8 +244,8 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
         env.json(&["volume", "attach", n]);
     }
     let (uv, uw) = (env.uri("v"), env.uri("w"));
-    // v: blocks 0..256 the crash writer's, 256..1280 a pattern written before the start.
-    py(PATTERN, &[&uv, "w", "256", "1024", "7"]);
+    // v: blocks 0..256 the crash writer's, 256..4352 (16 MiB: about two segments re-encrypted per daemon start, so kills land mid-run for ten rounds) a pattern written before the start.
+    py(PATTERN, &[&uv, "w", "256", "4096", "7"]);
     let o = bench(&env, "w", "1s").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let old_ct: Vec<String> = ["v", "w"]
@@ -264,7 +264,7 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
         "--key",
         "k2",
         "--max-rate",
-        "96K",
+        "48K",
     ]);
     assert_eq!(r["reencrypt"]["state"], "running", "{r}");
     env.json(&[
@@ -349,7 +349,7 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
                 env.log()
             );
         }
-        py(PATTERN, &[&uv, "c", "256", "1024", "7"]);
+        py(PATTERN, &[&uv, "c", "256", "4096", "7"]);
         percents.push(reenc_state(&env, "v").1);
         // The writer starts from round 1 again: reset its blocks.
         let o = Command::new("qemu-io")
@@ -365,7 +365,7 @@ fn kill9_rounds(sector_v: &str, sector_w: &str, rounds: u64) {
         env.json(&["volume", "reencrypt", n, "--max-rate", "0"]);
         wait_done(&env, n, &k2);
     }
-    py(PATTERN, &[&uv, "c", "256", "1024", "7"]);
+    py(PATTERN, &[&uv, "c", "256", "4096", "7"]);
     let o = bench(&env, "w", "1s").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let log = std::fs::read_to_string(env.state.join("kms/audit.jsonl")).unwrap();
