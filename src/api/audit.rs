@@ -37,6 +37,7 @@ pub fn volume_op(method: &Method, path: &str) -> Option<(&'static str, Option<St
             "detach" => "detachVolume",
             "resize" => "resizeVolume",
             "rewrap" => "rewrapVolume",
+            "reencrypt" => "reencryptVolume",
             "set" => "setVolumeQos",
             _ => return None,
         },

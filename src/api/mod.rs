@@ -209,11 +209,16 @@ fn volume_op(m: &Method, path: &str) -> Option<&'static str> {
     match (m, parts.as_slice()) {
         (&Method::POST, ["v1", "volumes"]) => Some("create"),
         (&Method::DELETE, ["v1", "volumes", _]) => Some("delete"),
-        (&Method::POST, ["v1", "volumes", _, a]) => {
-            ["import", "attach", "detach", "resize", "rewrap"]
-                .into_iter()
-                .find(|k| k == a)
-        }
+        (&Method::POST, ["v1", "volumes", _, a]) => [
+            "import",
+            "attach",
+            "detach",
+            "resize",
+            "rewrap",
+            "reencrypt",
+        ]
+        .into_iter()
+        .find(|k| k == a),
         _ => None,
     }
 }
@@ -480,6 +485,16 @@ async fn route_inner(
                         d.resize(&name, size)?
                     }
                     "rewrap" => d.rewrap(&c, &name)?,
+                    "reencrypt" => d.reencrypt(
+                        &c,
+                        &name,
+                        &crate::daemon::ReencRequest {
+                            key: str_field(&b, "key")?.map(str::to_owned),
+                            max_rate: num_field(&b, "max_rate")?,
+                            pause: bool_field(&b, "pause"),
+                            resume: bool_field(&b, "resume"),
+                        },
+                    )?,
                     "set" => d.set_volume(
                         &name,
                         num_field(&b, "iops")?,

@@ -9,7 +9,7 @@ mod snapshot;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
@@ -246,6 +246,24 @@ enum VolumeCmd {
     },
     /// Re-wrap the DEK under the key's newest version
     Rewrap { name: String },
+    /// Re-encrypt the data online to a fresh DEK (under --key or the volume's key);
+    /// crash-safe, resumes after a restart; --pause/--resume control one in progress
+    Reencrypt {
+        name: String,
+        /// The CMK of the new DEK (default: the volume's)
+        #[arg(long)]
+        key: Option<String>,
+        /// Cap on bytes re-encrypted per second, like 200M (0 = unlimited)
+        #[arg(long)]
+        max_rate: Option<String>,
+        /// Wait until done (a progress bar on a TTY)
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, conflicts_with = "resume")]
+        pause: bool,
+        #[arg(long)]
+        resume: bool,
+    },
     /// Change QoS limits, online (0 = unlimited; a limit not given is kept), or the cache
     /// mode (from the next attach)
     Set {
@@ -648,6 +666,12 @@ async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
             client::call(sock, "POST", &path(name, "resize"), Some(json!({"size": size_arg(size)?.to_string()}))).await?
         }
         VolumeCmd::Rewrap { name } => client::call(sock, "POST", &path(name, "rewrap"), Some(json!({}))).await?,
+        VolumeCmd::Reencrypt { name, key, max_rate, wait, pause, resume } => {
+            let rate = max_rate.as_deref().map(size_arg).transpose()?.map(|r| r.to_string());
+            let body = json!({"key": key, "max_rate": rate, "pause": pause, "resume": resume});
+            let info = client::call(sock, "POST", &path(name, "reencrypt"), Some(body)).await?;
+            if *wait { reencrypt_wait(sock, name).await? } else { info }
+        }
         VolumeCmd::Set { name, iops, bandwidth, cache } => {
             let bandwidth = bandwidth.as_deref().map(size_arg).transpose()?.map(|b| b.to_string());
             let body = json!({"iops": iops.map(|i| i.to_string()), "bandwidth": bandwidth, "cache": cache});
@@ -664,6 +688,37 @@ async fn volume(sock: &Path, j: bool, v: &VolumeCmd) -> Result<()> {
     };
     output::print(j, &info, output::fields);
     Ok(())
+}
+
+/// Polls a re-encryption until it is done (a progress bar on a TTY); fails if it is paused.
+async fn reencrypt_wait(sock: &Path, name: &str) -> Result<Value> {
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(100);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("re-encrypting {bar:40} {pos}% {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    loop {
+        let info = client::call(sock, "GET", &format!("/v1/volumes/{name}"), None).await?;
+        let r = &info["reencrypt"];
+        if let Some(b) = &bar {
+            b.set_position(r["percent"].as_u64().unwrap_or(100));
+        }
+        match r["state"].as_str() {
+            Some("running") => {}
+            Some("paused") => bail!("volume {name}: the re-encryption is paused"),
+            _ => {
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                return Ok(info);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Streams an image to the daemon, with a progress bar on a TTY.

@@ -13,6 +13,7 @@ pub mod ceph_kms;
 pub mod exports;
 mod metrics;
 mod qos;
+mod reencrypt;
 mod run;
 mod snapshots;
 mod state;
@@ -35,6 +36,7 @@ use crate::volume::{
     CIPHER_NAME, CacheMode, CipherBackend, Volume, VolumeError, VolumeHeader, XtsKey,
 };
 use exports::{Attached, Exports, Fence, VolumeBackend};
+pub use reencrypt::{ReencInfo, ReencRequest};
 pub use run::{Running, demo, init_state_dir, serve};
 pub use snapshots::SnapshotInfo;
 use state::{AttachState, Registered, Registry};
@@ -131,6 +133,9 @@ pub struct VolumeInfo {
     pub qos: QosLimits,
     /// `writeback` or `none` (O_DIRECT), SPEC §9; a change takes effect at the next attach.
     pub cache: CacheMode,
+    /// An online re-encryption in progress (or done since the daemon started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reencrypt: Option<ReencInfo>,
 }
 
 pub struct Daemon {
@@ -158,6 +163,8 @@ pub struct Daemon {
     fence_rx: std::sync::Mutex<Option<std::sync::mpsc::Receiver<(String, usize)>>>,
     /// Snapshots in the making and snapshots held by a clone (`snapshots.rs`).
     snaps: snapshots::Snapshots,
+    /// Online re-encryption workers.
+    reenc: reencrypt::Jobs,
 }
 
 /// Where a volume's bytes are.
@@ -237,6 +244,7 @@ fn registered(h: &VolumeHeader, pool: Option<&str>) -> Registered {
         key_id: h.key_id.clone(),
         generation: h.generation,
         pool: pool.map(str::to_owned),
+        next_key_id: h.reencrypt.as_ref().map(|r| r.new_key_id.clone()),
     }
 }
 
@@ -324,6 +332,7 @@ impl Daemon {
             fence_tx: std::sync::Mutex::new(fence_tx),
             fence_rx: std::sync::Mutex::new(Some(fence_rx)),
             snaps: Default::default(),
+            reenc: reencrypt::Jobs::default(),
         };
         if migrate {
             d.adopt_existing()?;
@@ -410,6 +419,7 @@ impl Daemon {
                 h.key_id, h.key_version, w.key_id, w.key_version
             )));
         }
+        reencrypt::check_new_key(name, h)?;
         let place = loc.describe(name);
         let mut reg = self.registry();
         match reg.get(name).cloned() {
@@ -417,16 +427,21 @@ impl Daemon {
                 "volume {name:?} is volume_id {}, but its backing store {place} holds volume_id {}: refused",
                 r.volume_id, h.volume_id
             ))),
-            Some(r) if r.key_id != h.key_id => Err(DaemonError::Untrusted(format!(
-                "volume {name:?} is under key {}, but the header in {place} names key {}: refused",
-                r.key_id, h.key_id
-            ))),
+            Some(r) if r.key_id != h.key_id && r.next_key_id.as_ref() != Some(&h.key_id) => {
+                Err(DaemonError::Untrusted(format!(
+                    "volume {name:?} is under key {}, but the header in {place} names key {}: refused",
+                    r.key_id, h.key_id
+                )))
+            }
             Some(r) if h.generation < r.generation => Err(DaemonError::Untrusted(format!(
                 "volume {name:?}: the header in {place} is generation {}, older than generation {} written before (rolled back): refused",
                 h.generation, r.generation
             ))),
             Some(r) => {
-                if h.generation > r.generation || r.pool.as_deref() != loc.pool() {
+                if h.generation > r.generation
+                    || r.pool.as_deref() != loc.pool()
+                    || r.key_id != h.key_id
+                {
                     reg.insert(name, registered(h, loc.pool()));
                     reg.save(&self.state_dir)?;
                 }
@@ -908,6 +923,7 @@ impl Daemon {
             status,
             qos: QosLimits::default(),
             cache: CacheMode::default(),
+            reencrypt: None,
         }
     }
 
@@ -980,6 +996,7 @@ impl Daemon {
             status,
             qos: settings.qos,
             cache: settings.cache,
+            reencrypt: reencrypt::info(self, name, &h),
         })
     }
 
@@ -1037,19 +1054,9 @@ impl Daemon {
                 }
             )));
         }
-        let unwrap = |h: &VolumeHeader| -> Result<XtsKey, DaemonError> {
-            let (_, _, dek) =
-                self.kms
-                    .decrypt_datakey(c, &h.wrapped_dek, &volume_context(h.volume_id))?;
-            XtsKey::new(dek.expose()).map_err(Self::vol_err(name))
-        };
         let (vol, fence, raw, release) = match &loc {
             Loc::File(path) => {
-                let (h, _) = self.trusted_header(name, &loc)?;
-                let mode = self.cache_of(h.volume_id)?;
-                let vol = Volume::open_file(path, unwrap(&h)?, read_only, mode)
-                    .map_err(|e| cache::direct_err(name, e))?
-                    .map_err(Self::vol_err(name))?;
+                let (vol, h) = self.open_file_volume(c, name, &loc, path, read_only)?;
                 if vol.header() != &h {
                     return Err(DaemonError::Conflict(
                         "volume header changed during attach".into(),
@@ -1076,9 +1083,15 @@ impl Daemon {
                 };
                 let h = Volume::read_header_in(store.as_ref()).map_err(Self::vol_err(name))?;
                 self.check_trusted(name, &loc, &h)?;
-                let vol = Volume::open_with_store(
+                let (old, new) = self.volume_keys(c, name, &h)?;
+                if let (Some(n), false) = (&new, read_only) {
+                    crate::volume::reencrypt::recover(store.as_ref(), &old, n)
+                        .map_err(Self::vol_err(name))?;
+                }
+                let vol = Volume::open_with_keys(
                     Box::new(store.clone()),
-                    unwrap(&h)?,
+                    old,
+                    new,
                     read_only,
                     CipherBackend::default(),
                 )
@@ -1200,7 +1213,11 @@ impl Daemon {
         };
         let h = match &loc {
             Loc::File(path) => {
-                self.trusted_header(name, &loc)?;
+                if self.trusted_header(name, &loc)?.0.reencrypt.is_some() {
+                    return Err(DaemonError::Conflict(format!(
+                        "volume {name:?} is being re-encrypted; resize it afterwards"
+                    )));
+                }
                 Volume::grow(path, new_size).map_err(grow_err)?
             }
             Loc::Rbd(_) => {
@@ -1241,6 +1258,11 @@ impl Daemon {
                     (h, Some(store))
                 }
             };
+        if h.reencrypt.is_some() {
+            return Err(DaemonError::Conflict(format!(
+                "volume {name:?} is being re-encrypted (it gets a new data key); rewrap it afterwards"
+            )));
+        }
         let ctx = volume_context(h.volume_id);
         let (key_id, _, dek) = self.kms.decrypt_datakey(c, &h.wrapped_dek, &ctx)?;
         let wrapped = self.kms.encrypt_datakey(c, &key_id, dek.expose(), &ctx)?;
@@ -1304,6 +1326,7 @@ impl Daemon {
 
     /// delete; a volume with snapshots only `with_snapshots` (deleted first).
     pub fn delete_with(&self, name: &str, with_snapshots: bool) -> Result<(), DaemonError> {
+        self.reenc_stop(name);
         let _g = self.lock_ops();
         let loc = self.locate(name)?;
         if self.exports.get(name).is_some() {

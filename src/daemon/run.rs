@@ -171,6 +171,7 @@ impl Running {
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || {
             d.restore();
+            d.resume_reencryptions();
             // A name that matches no volume is likely a typo that leaves the intended volume
             // open to every client: say so (the volume may also simply be created later).
             let names: Vec<String> = d

@@ -138,6 +138,14 @@ impl Snapshots {
             .collect()
     }
 
+    /// The snapshot of `volume` whose copy is still running (not failed), if any.
+    pub(super) fn copying(&self, volume: &str) -> Option<String> {
+        self.jobs_of(volume)
+            .into_iter()
+            .find(|(_, j)| j.failed.lock().is_ok_and(|f| f.is_none()))
+            .map(|(full, _)| full)
+    }
+
     fn busy_cloning(&self, full: &str) -> bool {
         self.cloning
             .lock()
@@ -176,17 +184,18 @@ impl Daemon {
         {
             return Err(DaemonError::Exists(full));
         }
-        if let Some((other, _)) = self
-            .snaps
-            .jobs_of(name)
-            .into_iter()
-            .find(|(_, j)| j.failed.lock().is_ok_and(|f| f.is_none()))
-        {
+        if let Some(other) = self.snaps.copying(name) {
             return Err(DaemonError::Conflict(format!(
                 "snapshot {other:?} of volume {name:?} is still being copied; wait for it"
             )));
         }
         let (h, _) = self.trusted_header(name, &loc)?;
+        if h.reencrypt.is_some() {
+            // A snapshot holds one DEK; during a re-encryption the data is under two.
+            return Err(DaemonError::Conflict(format!(
+                "volume {name:?} is being re-encrypted; snapshot it when that is done"
+            )));
+        }
         let tmp = self
             .state_dir
             .join("volumes")
@@ -653,6 +662,7 @@ impl Daemon {
             status: "ok".into(),
             qos: QosLimits::default(),
             cache: crate::volume::CacheMode::Writeback,
+            reencrypt: None,
         })
     }
 

@@ -53,6 +53,10 @@ pub struct Registered {
     /// `Some(pool)`: an RBD volume, image `cryptvol.NAME` in this pool; `None`: a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// During an online re-encryption: the key the volume moves to (the header may name it
+    /// once the re-encryption ends, before this registry is written again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key_id: Option<String>,
 }
 
 /// A snapshot file the daemon made: `volumes/NAME@SNAP.cvol` must carry this snapshot id

@@ -14,12 +14,14 @@
 use std::cell::RefCell;
 use std::fs::OpenOptions;
 use std::path::Path;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::VolumeError;
 use super::cipher::{Backend, SectorCipher, UnitSize, XtsKey, wipe};
 use super::direct::CacheMode;
 use super::header::{COPY_OFFSETS, HEADER_COPY_LEN, VolumeHeader};
+use super::reencrypt::{Keys, Migration};
 use super::store::{BlockStore, FileStore};
 use crate::aligned::AlignedBuf;
 use crate::zeroes::is_zero;
@@ -29,19 +31,26 @@ const STRIPES: usize = 256;
 const CHUNK: usize = 1 << 20;
 
 pub struct Volume {
-    store: Box<dyn BlockStore>,
-    cipher: SectorCipher,
+    pub(super) store: Box<dyn BlockStore>,
+    pub(super) cipher: SectorCipher,
     header: VolumeHeader,
-    unit: u64,
+    pub(super) unit: u64,
     /// What a stripe lock covers: a unit, or the store's direct-I/O block when larger.
     granule: u64,
-    read_only: bool,
+    pub(super) read_only: bool,
     /// The header's encrypt-zeroes flag: zero plaintext is stored encrypted, and a stored
     /// all-zero unit reads as zeros only where the store has a hole.
-    encrypt_zeroes: bool,
-    stripes: Vec<RwLock<()>>,
+    pub(super) encrypt_zeroes: bool,
+    pub(super) stripes: Vec<RwLock<()>>,
     /// A copy-path snapshot in the making: writes copy old data out first (`snapshot.rs`).
     cow: super::snapshot::CowSlot,
+    /// Set once an online re-encryption runs on this volume (`super::reencrypt`): from then
+    /// on every I/O goes through `mig`. Unset, the hot path pays this one atomic load.
+    pub(super) mig_on: AtomicBool,
+    /// The new key, the boundary and the segment in flight; I/O holds it shared.
+    pub(super) mig: RwLock<Option<Migration>>,
+    /// Bumped (and notified) whenever the segment in flight is released.
+    pub(super) mig_wake: (Mutex<u64>, Condvar),
 }
 
 thread_local! {
@@ -142,16 +151,19 @@ impl Volume {
 
     /// Opens a volume file in cache mode `cache` ([`FileStore::open`]; errors of direct I/O,
     /// like a file system without it, come back as they are, to be named to the user).
+    /// `new_key`: the new DEK of a volume in re-encryption ([`Volume::open_with_keys`]).
     pub fn open_file(
         path: &Path,
         key: XtsKey,
+        new_key: Option<XtsKey>,
         read_only: bool,
         cache: CacheMode,
     ) -> Result<Result<Volume, VolumeError>, super::DirectError> {
         let store = FileStore::open(path, read_only, cache)?;
-        Ok(Self::open_with_store(
+        Ok(Self::open_with_keys(
             Box::new(store),
             key,
+            new_key,
             read_only,
             Backend::default(),
         ))
@@ -160,6 +172,18 @@ impl Volume {
     pub fn open_with_store(
         store: Box<dyn BlockStore>,
         key: XtsKey,
+        read_only: bool,
+        backend: Backend,
+    ) -> Result<Volume, VolumeError> {
+        Self::open_with_keys(store, key, None, read_only, backend)
+    }
+
+    /// [`Volume::open_with_store`]; a volume in re-encryption needs its new DEK too (and
+    /// no journaled segment pending: see [`super::reencrypt::recover`]).
+    pub fn open_with_keys(
+        store: Box<dyn BlockStore>,
+        key: XtsKey,
+        new_key: Option<XtsKey>,
         read_only: bool,
         backend: Backend,
     ) -> Result<Volume, VolumeError> {
@@ -175,6 +199,7 @@ impl Volume {
             ));
         }
         let unit_len = u64::from(header.sector_size);
+        let mig = Migration::at_open(&header, new_key.as_ref(), unit, backend)?;
         Ok(Volume {
             granule: unit_len.max(store.io_align()),
             store,
@@ -185,6 +210,9 @@ impl Volume {
             read_only,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             cow: Default::default(),
+            mig_on: AtomicBool::new(mig.is_some()),
+            mig: RwLock::new(mig),
+            mig_wake: (Mutex::new(0), Condvar::new()),
         })
     }
 
@@ -234,6 +262,25 @@ impl Volume {
 
     fn read_with(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool, VolumeError> {
         self.check(offset, buf.len() as u64, false)?;
+        if !self.mig_on.load(Ordering::Acquire) {
+            let r = self.read_keys(self.keys(None), offset, buf, nowait);
+            // Seqlock-like: a re-encryption that began meanwhile may have rewritten what was
+            // read; read again through the gate.
+            if !self.mig_on.load(Ordering::Acquire) {
+                return r;
+            }
+        }
+        let g = self.enter(offset, buf.len() as u64);
+        self.read_keys(self.keys(g.as_deref()), offset, buf, nowait)
+    }
+
+    fn read_keys(
+        &self,
+        k: Keys<'_>,
+        offset: u64,
+        buf: &mut [u8],
+        nowait: bool,
+    ) -> Result<bool, VolumeError> {
         let read = |out: &mut [u8], at: u64| -> Result<bool, VolumeError> {
             if nowait {
                 Ok(self.store.read_at_nowait(out, self.pos(at))?)
@@ -255,14 +302,14 @@ impl Volume {
                 if !read(out, pos)? {
                     return Ok(false);
                 }
-                self.decrypt_units(unit_idx, out)?;
+                self.decrypt_units(k, unit_idx, out)?;
                 done += n;
             } else {
                 let n = (u as usize - within).min(buf.len() - done);
                 let got = with_scratch(u as usize, |s| -> Result<bool, VolumeError> {
                     let got = read(s, unit_idx * u)?;
                     let r = if got {
-                        self.decrypt_units(unit_idx, s).map(|()| {
+                        self.decrypt_units(k, unit_idx, s).map(|()| {
                             buf[done..done + n].copy_from_slice(&s[within..within + n]);
                         })
                     } else {
@@ -305,6 +352,8 @@ impl Volume {
         }
         let _locks = self.lock_units(offset, data.len() as u64);
         self.cow.before_write(offset, data.len() as u64);
+        let g = self.enter(offset, data.len() as u64);
+        let k = self.keys(g.as_deref());
         let u = self.unit;
         let mut done = 0usize;
         while done < data.len() {
@@ -314,15 +363,15 @@ impl Volume {
             if within == 0 && data.len() - done >= u as usize {
                 let n = ((data.len() - done) / u as usize * u as usize).min(CHUNK);
                 let chunk = &mut data[done..done + n];
-                self.encrypt_units(unit_idx, chunk);
+                self.encrypt_units(k, unit_idx, chunk);
                 self.store.write_at(chunk, self.pos(pos))?;
                 done += n;
             } else {
                 let n = (u as usize - within).min(data.len() - done);
                 with_scratch(u as usize, |s| -> Result<(), VolumeError> {
-                    self.read_unit(unit_idx, s)?;
+                    self.read_unit(k, unit_idx, s)?;
                     s[within..within + n].copy_from_slice(&data[done..done + n]);
-                    self.encrypt_units(unit_idx, s);
+                    self.encrypt_units(k, unit_idx, s);
                     self.store.write_at(s, self.pos(unit_idx * u))?;
                     Ok(())
                 })?;
@@ -357,6 +406,8 @@ impl Volume {
         }
         let _locks = self.lock_units(offset, len);
         self.cow.before_write(offset, len);
+        let g = self.enter(offset, len);
+        let k = self.keys(g.as_deref());
         let u = self.unit;
         let end = offset + len;
         let first_whole = offset.div_ceil(u) * u;
@@ -376,12 +427,12 @@ impl Volume {
                         if !hole {
                             let from = at / u * u;
                             let to = (at + len).div_ceil(u) * u;
-                            self.store_encrypted_zeros(from, to.min(last_whole))?;
+                            self.store_encrypted_zeros(k, from, to.min(last_whole))?;
                         }
                         at += len;
                     }
                 } else {
-                    self.store_encrypted_zeros(first_whole, last_whole)?;
+                    self.store_encrypted_zeros(k, first_whole, last_whole)?;
                 }
             } else if may_punch {
                 self.store
@@ -408,9 +459,9 @@ impl Volume {
             let unit_idx = from / u;
             let within = (from % u) as usize;
             with_scratch(u as usize, |s| -> Result<(), VolumeError> {
-                self.read_unit(unit_idx, s)?;
+                self.read_unit(k, unit_idx, s)?;
                 s[within..within + (to - from) as usize].fill(0);
-                self.encrypt_units(unit_idx, s);
+                self.encrypt_units(k, unit_idx, s);
                 self.store.write_at(s, self.pos(unit_idx * u))?;
                 Ok(())
             })?;
@@ -425,13 +476,13 @@ impl Volume {
     }
 
     /// Stores the encryption of zero plaintext in the whole units of `[from, to)`.
-    fn store_encrypted_zeros(&self, from: u64, to: u64) -> Result<(), VolumeError> {
+    fn store_encrypted_zeros(&self, k: Keys<'_>, from: u64, to: u64) -> Result<(), VolumeError> {
         let mut p = from;
         while p < to {
             let n = (to - p).min(CHUNK as u64) as usize;
             with_scratch(n, |s| -> Result<(), VolumeError> {
                 s.fill(0);
-                self.cipher.encrypt(p / self.unit, s);
+                k.encrypt(p / self.unit, s);
                 Ok(self.store.write_at(s, self.pos(p))?)
             })?;
             p += n as u64;
@@ -440,25 +491,30 @@ impl Volume {
     }
 
     /// Reads and decrypts one unit into `s` (exactly one unit long).
-    fn read_unit(&self, unit_idx: u64, s: &mut [u8]) -> Result<(), VolumeError> {
+    fn read_unit(&self, k: Keys<'_>, unit_idx: u64, s: &mut [u8]) -> Result<(), VolumeError> {
         self.store.read_at(s, self.pos(unit_idx * self.unit))?;
-        self.decrypt_units(unit_idx, s)
+        self.decrypt_units(k, unit_idx, s)
     }
 
     /// Decrypts whole units in place. Thin (default): a unit stored as all zeros is a hole
     /// and reads as zeros. Encrypt-zeroes: it reads as zeros only where the store has a hole
     /// (never written, TRIM, WRITE_ZEROES); zero bytes written into allocated space are
     /// decrypted like any other ciphertext (and so read as noise, not as chosen zeros).
-    fn decrypt_units(&self, first: u64, data: &mut [u8]) -> Result<(), VolumeError> {
+    fn decrypt_units(
+        &self,
+        keys: Keys<'_>,
+        first: u64,
+        data: &mut [u8],
+    ) -> Result<(), VolumeError> {
         if !self.encrypt_zeroes {
-            self.for_nonzero_runs(first, data, |c, unit, run| c.decrypt(unit, run));
+            self.for_nonzero_runs(first, data, |unit, run| keys.decrypt(unit, run));
             return Ok(());
         }
         let u = self.unit as usize;
         let units = data.len() / u;
         if !data.chunks_exact(u).any(is_zero) {
             // The common case: no all-zero unit (decided on each unit's first block).
-            self.cipher.decrypt(first, data);
+            keys.decrypt(first, data);
             return Ok(());
         }
         // hole[k]: unit k stays zeros. Only all-zero units are candidates; for those the
@@ -494,8 +550,7 @@ impl Volume {
                 k += 1;
             }
             if k > start {
-                self.cipher
-                    .decrypt(first + start as u64, &mut data[start * u..k * u]);
+                keys.decrypt(first + start as u64, &mut data[start * u..k * u]);
             }
             while k < units && hole[k] {
                 k += 1;
@@ -506,22 +561,17 @@ impl Volume {
 
     /// Encrypts whole units in place; thin (default): an all-zero plaintext unit is stored as
     /// zeros; encrypt-zeroes: every unit is encrypted.
-    fn encrypt_units(&self, first: u64, data: &mut [u8]) {
+    fn encrypt_units(&self, k: Keys<'_>, first: u64, data: &mut [u8]) {
         if self.encrypt_zeroes {
-            self.cipher.encrypt(first, data);
+            k.encrypt(first, data);
         } else {
-            self.for_nonzero_runs(first, data, |c, unit, run| c.encrypt(unit, run));
+            self.for_nonzero_runs(first, data, |unit, run| k.encrypt(unit, run));
         }
     }
 
     /// Calls `f` on each run of consecutive units that are not all zero (one backend call per
     /// run), with the index of the run's first unit; all-zero units are left as they are.
-    fn for_nonzero_runs(
-        &self,
-        first: u64,
-        data: &mut [u8],
-        f: impl Fn(&SectorCipher, u64, &mut [u8]),
-    ) {
+    fn for_nonzero_runs(&self, first: u64, data: &mut [u8], f: impl Fn(u64, &mut [u8])) {
         let u = self.unit as usize;
         let mut i = 0;
         while i < data.len() {
@@ -530,11 +580,7 @@ impl Volume {
                 i += u;
             }
             if i > start {
-                f(
-                    &self.cipher,
-                    first + (start / u) as u64,
-                    &mut data[start..i],
-                );
+                f(first + (start / u) as u64, &mut data[start..i]);
             }
             while i < data.len() && is_zero(&data[i..i + u]) {
                 i += u;
@@ -624,7 +670,7 @@ fn check_unit_fits_store(h: &VolumeHeader, store: &dyn BlockStore) -> Result<(),
     Ok(())
 }
 
-fn read_header_from(store: &dyn BlockStore) -> Result<VolumeHeader, VolumeError> {
+pub(super) fn read_header_from(store: &dyn BlockStore) -> Result<VolumeHeader, VolumeError> {
     let mut a = [0u8; HEADER_COPY_LEN];
     let mut b = [0u8; HEADER_COPY_LEN];
     store.read_at(&mut a, COPY_OFFSETS[0])?;
@@ -666,7 +712,9 @@ pub fn rewrite_header(
     };
     for i in order {
         store.write_at(&bytes, COPY_OFFSETS[i])?;
+        super::reencrypt::crash_point();
         store.sync()?;
+        super::reencrypt::crash_point();
     }
     Ok(h)
 }

@@ -22,13 +22,49 @@ pub const KEY_BITS: u32 = 512;
 /// Largest wrapped DEK a header holds.
 pub const MAX_WRAPPED_DEK: usize = 2048;
 const KEY_ID_LEN: usize = 64;
+/// The re-encryption journal: old ciphertext of the segment in flight, in the free space
+/// between the second header copy and the data area.
+pub const JOURNAL_AT: u64 = 64 << 10;
+/// Largest journaled segment.
+pub const JOURNAL_LEN: u64 = 768 << 10;
 const CIPHER_LEN: usize = 32;
 const CHECKSUM_AT: usize = HEADER_COPY_LEN - 32;
 /// Feature flags (u32) sit just before the checksum; zero in volumes made before they existed.
 const FLAGS_AT: usize = CHECKSUM_AT - 4;
 /// Flag: all-zero plaintext units are stored encrypted, not as zeros (see `Volume`).
 pub const FLAG_ENCRYPT_ZEROES: u32 = 1;
-const KNOWN_FLAGS: u32 = FLAG_ENCRYPT_ZEROES;
+/// Flag: an online re-encryption is in progress; the fields of [`Reencrypt`] are present
+/// (bytes 2216..4060). A cryptvol without this flag in its known set refuses the volume.
+pub const FLAG_REENCRYPT: u32 = 2;
+const KNOWN_FLAGS: u32 = FLAG_ENCRYPT_ZEROES | FLAG_REENCRYPT;
+/// Where the re-encryption fields start (after the largest wrapped DEK: 166 + 2048 = 2214).
+const REENC_AT: usize = 2216;
+/// Largest wrapped new DEK a header in re-encryption holds (room left before the flags).
+pub const MAX_NEW_WRAPPED_DEK: usize = 1600;
+/// Re-encryption state flag: paused by the user (stays paused across restarts).
+pub const REENC_PAUSED: u32 = 1;
+
+/// The state of an online re-encryption (present iff [`FLAG_REENCRYPT`]). Units below
+/// `boundary` are under the new DEK, the others under the old one. A non-empty journal names
+/// the segment whose old ciphertext was copied to the journal area and may be half rewritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reencrypt {
+    /// Byte offset in the data area; a multiple of the sector size, <= size.
+    pub boundary: u64,
+    /// Data-area byte offset of the journaled segment (meaningful when `journal_len > 0`).
+    pub journal_start: u64,
+    /// Bytes of old ciphertext in the journal; 0 = no journal.
+    pub journal_len: u32,
+    /// [`REENC_PAUSED`].
+    pub state: u32,
+    /// Rate limit in bytes per second (0 = unlimited).
+    pub max_rate: u64,
+    /// SHA-256 of the journal's `journal_len` bytes.
+    pub journal_sha256: [u8; 32],
+    pub new_key_id: String,
+    pub new_key_version: u32,
+    pub new_wrapped_dek: Vec<u8>,
+}
 
 /// What a header says. No secrets: the DEK is wrapped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +81,8 @@ pub struct VolumeHeader {
     pub data_offset: u64,
     /// Feature flags ([`FLAG_ENCRYPT_ZEROES`]); an unknown bit is refused.
     pub flags: u32,
+    /// Online re-encryption in progress ([`FLAG_REENCRYPT`] is set iff this is `Some`).
+    pub reencrypt: Option<Reencrypt>,
 }
 
 impl VolumeHeader {
@@ -68,6 +106,7 @@ impl VolumeHeader {
             wrapped_dek,
             data_offset: DATA_OFFSET,
             flags: 0,
+            reencrypt: None,
         };
         h.validate()?;
         Ok(h)
@@ -112,6 +151,34 @@ impl VolumeHeader {
         if self.flags & !KNOWN_FLAGS != 0 {
             return bad("unknown feature flags (made by a newer cryptvol?)");
         }
+        if (self.flags & FLAG_REENCRYPT != 0) != self.reencrypt.is_some() {
+            return bad("re-encryption flag and fields disagree");
+        }
+        if let Some(r) = &self.reencrypt {
+            let unit = u64::from(self.sector_size);
+            if r.boundary > self.size || !r.boundary.is_multiple_of(unit) {
+                return bad("re-encryption boundary out of range");
+            }
+            if r.journal_len > 0
+                && (!r.journal_start.is_multiple_of(unit)
+                    || !u64::from(r.journal_len).is_multiple_of(unit)
+                    || u64::from(r.journal_len) > JOURNAL_LEN
+                    || r.journal_start
+                        .checked_add(u64::from(r.journal_len))
+                        .is_none_or(|e| e > self.size))
+            {
+                return bad("re-encryption journal out of range");
+            }
+            if r.new_key_id.is_empty()
+                || r.new_key_id.len() > KEY_ID_LEN
+                || !r.new_key_id.is_ascii()
+            {
+                return bad("new key id must be 1..64 ASCII bytes");
+            }
+            if r.new_wrapped_dek.is_empty() || r.new_wrapped_dek.len() > MAX_NEW_WRAPPED_DEK {
+                return bad("new wrapped key length out of range");
+            }
+        }
         Ok(())
     }
 
@@ -133,6 +200,19 @@ impl VolumeHeader {
         b[160..164].copy_from_slice(&self.key_version.to_le_bytes());
         b[164..166].copy_from_slice(&(self.wrapped_dek.len() as u16).to_le_bytes());
         b[166..166 + self.wrapped_dek.len()].copy_from_slice(&self.wrapped_dek);
+        if let Some(r) = &self.reencrypt {
+            let o = REENC_AT;
+            b[o..o + 8].copy_from_slice(&r.boundary.to_le_bytes());
+            b[o + 8..o + 16].copy_from_slice(&r.journal_start.to_le_bytes());
+            b[o + 16..o + 20].copy_from_slice(&r.journal_len.to_le_bytes());
+            b[o + 20..o + 24].copy_from_slice(&r.state.to_le_bytes());
+            b[o + 24..o + 32].copy_from_slice(&r.max_rate.to_le_bytes());
+            b[o + 32..o + 64].copy_from_slice(&r.journal_sha256);
+            b[o + 64..o + 64 + r.new_key_id.len()].copy_from_slice(r.new_key_id.as_bytes());
+            b[o + 128..o + 132].copy_from_slice(&r.new_key_version.to_le_bytes());
+            b[o + 132..o + 134].copy_from_slice(&(r.new_wrapped_dek.len() as u16).to_le_bytes());
+            b[o + 134..o + 134 + r.new_wrapped_dek.len()].copy_from_slice(&r.new_wrapped_dek);
+        }
         b[FLAGS_AT..CHECKSUM_AT].copy_from_slice(&self.flags.to_le_bytes());
         let sum = digest::digest(&digest::SHA256, &b[..CHECKSUM_AT]);
         b[CHECKSUM_AT..].copy_from_slice(sum.as_ref());
@@ -187,7 +267,30 @@ impl VolumeHeader {
             wrapped_dek: b[166..166 + dek_len].to_vec(),
             data_offset: u64_at(88),
             flags: u32_at(FLAGS_AT),
+            reencrypt: None,
         };
+        let mut h = h;
+        if h.flags & FLAG_REENCRYPT != 0 {
+            let o = REENC_AT;
+            let new_key_id = std::str::from_utf8(trim_nul(&b[o + 64..o + 64 + KEY_ID_LEN]))
+                .map_err(|_| VolumeError::BadHeader("new key id is not text"))?
+                .to_owned();
+            let n = usize::from(u16::from_le_bytes([b[o + 132], b[o + 133]]));
+            if n == 0 || n > MAX_NEW_WRAPPED_DEK {
+                return bad("new wrapped key length out of range");
+            }
+            h.reencrypt = Some(Reencrypt {
+                boundary: u64_at(o),
+                journal_start: u64_at(o + 8),
+                journal_len: u32_at(o + 16),
+                state: u32_at(o + 20),
+                max_rate: u64_at(o + 24),
+                journal_sha256: b[o + 32..o + 64].try_into().expect("32 bytes"),
+                new_key_id,
+                new_key_version: u32_at(o + 128),
+                new_wrapped_dek: b[o + 134..o + 134 + n].to_vec(),
+            });
+        }
         h.validate()?;
         Ok(h)
     }

@@ -16,6 +16,7 @@ mod disk;
 pub mod header;
 #[cfg(feature = "rbd")]
 pub mod rbd;
+pub mod reencrypt;
 pub mod snapshot;
 mod soft;
 pub mod store;

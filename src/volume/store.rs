@@ -345,6 +345,18 @@ impl MemStore {
         g.write_budget = Some(bytes);
         g.fail_errno = errno;
     }
+    /// An independent copy, holes kept, no fault set: the store as a crash left it.
+    pub fn duplicate(&self) -> MemStore {
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        MemStore {
+            inner: RwLock::new(MemInner {
+                pages: g.pages.clone(),
+                len: g.len,
+                write_budget: None,
+                fail_errno: 0,
+            }),
+        }
+    }
     /// A copy of the whole content (for crash-cut tests).
     pub fn snapshot(&self) -> Vec<u8> {
         let len = self.len().unwrap_or(0) as usize;
