@@ -431,6 +431,9 @@ fn pause_survives_restart_and_resume_finishes_detached() {
         env.fails(&["volume", "resize", "d", "--size", "16M"])
             .contains("re-encrypted")
     );
+    // A snapshot holds one DEK: none while the data is under two.
+    let err = env.fails(&["volume", "snapshot", "create", "d", "s"]);
+    assert!(err.contains("being re-encrypted"), "{err}");
     let r = env.json(&["volume", "reencrypt", "d", "--resume", "--max-rate", "0"]);
     assert_eq!(r["reencrypt"]["state"], "running", "{r}");
     // --wait on the one in progress: returns when done.

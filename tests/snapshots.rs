@@ -540,6 +540,9 @@ fn kill_9_during_a_copy_leaves_no_snapshot() {
         "256K",
     ]);
     assert_eq!(s["state"], "creating");
+    // The copier reads the old ciphertext: no re-encryption until the snapshot is complete.
+    let err = env.fails(&["volume", "reencrypt", "v"]);
+    assert!(err.contains("still being copied"), "{err}");
     // Mid-copy: some chunks copied, the file under its temporary name.
     while inspect(&env, "v@s")["percent"].as_u64().unwrap() < 5 {
         std::thread::sleep(Duration::from_millis(50));
