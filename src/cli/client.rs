@@ -54,7 +54,8 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
-async fn send<B>(socket: &Path, req: Request<B>) -> Result<Value>
+/// One HTTP/1.1 request on a fresh connection to the control socket.
+async fn exchange<B>(socket: &Path, req: Request<B>) -> Result<hyper::Response<Incoming>>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
@@ -70,7 +71,11 @@ where
         })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let resp = sender.send_request(req).await?;
+    Ok(sender.send_request(req).await?)
+}
+
+/// The JSON body of an answer; an error answer becomes an error with the API's message.
+async fn json_answer(resp: hyper::Response<Incoming>) -> Result<Value> {
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     let v: Value = serde_json::from_slice(&body)
@@ -83,6 +88,15 @@ where
     Ok(v)
 }
 
+async fn send<B>(socket: &Path, req: Request<B>) -> Result<Value>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    json_answer(exchange(socket, req).await?).await
+}
+
 /// `GET` of a streamed answer (volume export): the response, its status checked (an error
 /// answer is JSON and becomes an error with the API's message).
 pub async fn get_stream(socket: &Path, path: &str) -> Result<hyper::Response<Incoming>> {
@@ -91,25 +105,11 @@ pub async fn get_stream(socket: &Path, path: &str) -> Result<hyper::Response<Inc
         .uri(path)
         .header("host", "cryptvol")
         .body(Full::new(Bytes::new()))?;
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the daemon at {} (is `cryptvol serve` running?)",
-                socket.display()
-            )
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let resp = sender.send_request(req).await?;
+    let resp = exchange(socket, req).await?;
     if resp.status().is_success() {
         return Ok(resp);
     }
     let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|_| anyhow!("daemon answered {status} with a non-JSON body"))?;
-    let msg = v["error"]["error_msg"].as_str().unwrap_or("unknown error");
-    let code = v["error"]["error_code"].as_str().unwrap_or("?");
-    Err(anyhow!("{msg} ({code})"))
+    json_answer(resp).await?;
+    Err(anyhow!("daemon answered {status}"))
 }

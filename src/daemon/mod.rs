@@ -196,6 +196,35 @@ impl Loc {
     }
 }
 
+impl VolumeInfo {
+    /// What the header says, named `name`, at `path`, in `store`; not attached, status ok,
+    /// default settings: the caller fills in the rest.
+    fn from_header(name: &str, h: &VolumeHeader, store: &str, path: String) -> VolumeInfo {
+        VolumeInfo {
+            name: name.to_owned(),
+            volume_id: h.volume_id.to_string(),
+            size: h.size,
+            sector_size: h.sector_size,
+            cipher: CIPHER_NAME.into(),
+            key_id: h.key_id.clone(),
+            key_version: h.key_version,
+            cipher_text: hex::encode(&h.wrapped_dek),
+            data_offset: h.data_offset,
+            encrypt_zeroes: h.encrypt_zeroes(),
+            store: store.into(),
+            path,
+            holder: None,
+            attached: false,
+            read_only: false,
+            clients: 0,
+            status: "ok".into(),
+            qos: QosLimits::default(),
+            cache: CacheMode::default(),
+            reencrypt: None,
+        }
+    }
+}
+
 /// What `volume create` makes.
 pub struct NewVolume<'a> {
     pub size: u64,
@@ -975,18 +1004,6 @@ impl Daemon {
             Err(e) => format!("failed: {e}"),
         };
         Ok(VolumeInfo {
-            name: name.to_owned(),
-            volume_id: h.volume_id.to_string(),
-            size: h.size,
-            sector_size: h.sector_size,
-            cipher: CIPHER_NAME.into(),
-            key_id: h.key_id.clone(),
-            key_version: h.key_version,
-            cipher_text: hex::encode(&h.wrapped_dek),
-            data_offset: h.data_offset,
-            encrypt_zeroes: h.encrypt_zeroes(),
-            store: loc.store().as_str().into(),
-            path: loc.describe(name),
             holder,
             attached: attached.is_some(),
             read_only: attached.as_ref().is_some_and(|a| a.read_only),
@@ -997,6 +1014,7 @@ impl Daemon {
             qos: settings.qos,
             cache: settings.cache,
             reencrypt: reencrypt::info(self, name, &h),
+            ..VolumeInfo::from_header(name, &h, loc.store().as_str(), loc.describe(name))
         })
     }
 

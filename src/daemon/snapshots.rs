@@ -29,7 +29,7 @@ use crate::server::{Qos, QosLimits};
 use crate::volume::snapshot::{
     CowState, SnapRecord, copy_sparse, pace, reflink, reflink_range, reflink_unsupported,
 };
-use crate::volume::{BlockStore, CIPHER_NAME, FileStore, Volume, VolumeHeader, XtsKey};
+use crate::volume::{BlockStore, FileStore, Volume, VolumeHeader, XtsKey};
 
 /// What `volume snapshot list/inspect` shows.
 #[derive(Debug, Clone, Serialize)]
@@ -643,26 +643,10 @@ impl Daemon {
         let (h, path) = self.trusted_snapshot(full)?;
         let a = self.exports.get(full);
         Ok(VolumeInfo {
-            name: full.to_owned(),
-            volume_id: h.volume_id.to_string(),
-            size: h.size,
-            sector_size: h.sector_size,
-            cipher: CIPHER_NAME.into(),
-            key_id: h.key_id.clone(),
-            key_version: h.key_version,
-            cipher_text: hex::encode(&h.wrapped_dek),
-            data_offset: h.data_offset,
-            encrypt_zeroes: h.encrypt_zeroes(),
-            store: "file".into(),
-            path: path.display().to_string(),
-            holder: None,
             attached: a.is_some(),
             read_only: true,
             clients: a.map_or(0, |a| a.clients.load(std::sync::atomic::Ordering::SeqCst)),
-            status: "ok".into(),
-            qos: QosLimits::default(),
-            cache: crate::volume::CacheMode::Writeback,
-            reencrypt: None,
+            ..VolumeInfo::from_header(full, &h, "file", path.display().to_string())
         })
     }
 
