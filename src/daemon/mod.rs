@@ -12,6 +12,7 @@ pub mod ceph_kms;
 pub mod exports;
 mod metrics;
 mod qos;
+mod retry;
 mod run;
 mod state;
 mod sys;
@@ -1283,7 +1284,10 @@ impl Daemon {
     /// is reported (status "failed: ...") and the others still attach. An RBD volume is
     /// never taken over here: if another session holds it (another host, or this host
     /// before a crash), it is reported failed until an explicit `attach --takeover`.
-    pub fn restore(&self) {
+    /// Returns the volumes that failed on a cluster error, to be retried
+    /// ([`Daemon::start_retry`]).
+    pub fn restore(&self) -> Vec<(String, bool)> {
+        let mut retry = Vec::new();
         let wanted = self
             .attach_state
             .lock()
@@ -1293,12 +1297,16 @@ impl Daemon {
         for (name, read_only) in wanted {
             if let Err(e) = self.attach_locked(&Caller::DAEMON, &name, read_only, false) {
                 tracing::error!(volume = %name, error = %e, "could not re-attach");
+                if matches!(e, DaemonError::Cluster(_)) {
+                    retry.push((name.clone(), read_only));
+                }
                 self.failed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(name, e.to_string());
             }
         }
+        retry
     }
 
     /// Runs the thread that handles fence reports ([`Daemon::fenced_volume`]).
