@@ -139,7 +139,10 @@ fn frozen_cluster_gives_errors_not_hangs_and_service_resumes() {
         let (o, took) = qemu_io(&uri, &[cmd]);
         let t = text(&o);
         eprintln!("frozen cluster: {cmd:?} answered in {took:?}: {}", t.trim());
-        assert!(t.contains("failed"), "{cmd} succeeded on a frozen cluster: {t}");
+        assert!(
+            t.contains("failed"),
+            "{cmd} succeeded on a frozen cluster: {t}"
+        );
         assert!(
             took >= Duration::from_secs(OP_TIMEOUT_SECS),
             "{cmd} failed before the op timeout (not the cluster's answer?): {t}"
@@ -172,14 +175,22 @@ fn frozen_cluster_gives_errors_not_hangs_and_service_resumes() {
     );
     let l = list(&a);
     let r = volume(&l, "r");
-    assert_eq!((&r["status"], &r["attached"]), (&"ok".into(), &true.into()), "{r}");
+    assert_eq!(
+        (&r["status"], &r["attached"]),
+        (&"ok".into(), &true.into()),
+        "{r}"
+    );
 
     // What was written after the thaw reached the image: it survives detach and attach.
     a.json(&["volume", "detach", "r"]);
     a.json(&["volume", "attach", "r"]);
     io_ok(
         &a.uri("r"),
-        &["read -P 0x5a 0 1M", "read -P 0x33 1M 64k", "read -P 0x44 2M 64k"],
+        &[
+            "read -P 0x5a 0 1M",
+            "read -P 0x33 1M 64k",
+            "read -P 0x44 2M 64k",
+        ],
         "after detach and attach",
     );
 }
@@ -208,13 +219,20 @@ fn daemon_starts_with_a_frozen_cluster() {
     mc.freeze();
     let t = Instant::now();
     a.start();
-    eprintln!("daemon answering {:?} after start on a frozen cluster", t.elapsed());
+    eprintln!(
+        "daemon answering {:?} after start on a frozen cluster",
+        t.elapsed()
+    );
     let l = list(&a);
     let r = volume(&l, "r");
     assert_eq!(r["attached"], false, "{r}");
     assert!(r["status"].as_str().unwrap().starts_with("failed:"), "{r}");
     let f = volume(&l, "f");
-    assert_eq!((&f["status"], &f["attached"]), (&"ok".into(), &true.into()), "{f}");
+    assert_eq!(
+        (&f["status"], &f["attached"]),
+        (&"ok".into(), &true.into()),
+        "{f}"
+    );
     io_ok(&a.uri("f"), &["read -P 9 0 64k"], "file volume served");
 
     mc.thaw();
@@ -233,5 +251,9 @@ fn daemon_starts_with_a_frozen_cluster() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    io_ok(&a.uri("r"), &["read -P 7 0 64k"], "rbd volume served after the thaw");
+    io_ok(
+        &a.uri("r"),
+        &["read -P 7 0 64k"],
+        "rbd volume served after the thaw",
+    );
 }
