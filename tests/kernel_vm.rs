@@ -1,5 +1,6 @@
 //! Kernel-client tier: `tests/kernel/run.sh` boots a VM in which the real Linux `nbd.ko` and
-//! `nbd-client` attach cryptvol volumes (512- and 4096-byte sectors, `-b 4096`, `-C 2`), then
+//! `nbd-client` attach cryptvol volumes (512- and 4096-byte sectors, `-b 4096`, `-C 2`, and one
+//! volume on Ceph RBD when Ceph is installed), then
 //! checks what landed through another client. Minutes under TCG, so it runs only with
 //! `CRYPTVOL_KERNEL_TESTS=1`; otherwise it says that it was skipped.
 

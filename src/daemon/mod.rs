@@ -14,6 +14,7 @@ pub mod exports;
 mod metrics;
 mod qos;
 mod reencrypt;
+mod retry;
 mod run;
 mod snapshots;
 mod state;
@@ -1379,7 +1380,10 @@ impl Daemon {
     /// is reported (status "failed: ...") and the others still attach. An RBD volume is
     /// never taken over here: if another session holds it (another host, or this host
     /// before a crash), it is reported failed until an explicit `attach --takeover`.
-    pub fn restore(&self) {
+    /// Returns the volumes that failed on a cluster error, to be retried
+    /// ([`Daemon::start_retry`]).
+    pub fn restore(&self) -> Vec<(String, bool)> {
+        let mut retry = Vec::new();
         let wanted = self
             .attach_state
             .lock()
@@ -1394,12 +1398,16 @@ impl Daemon {
             };
             if let Err(e) = r {
                 tracing::error!(volume = %name, error = %e, "could not re-attach");
+                if matches!(e, DaemonError::Cluster(_)) {
+                    retry.push((name.clone(), read_only));
+                }
                 self.failed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(name, e.to_string());
             }
         }
+        retry
     }
 
     /// Runs the thread that handles fence reports ([`Daemon::fenced_volume`]).

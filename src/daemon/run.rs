@@ -170,8 +170,9 @@ impl Running {
         daemon.start_fence_worker();
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || {
-            d.restore();
+            let retry = d.restore();
             d.resume_reencryptions();
+            d.start_retry(retry);
             // A name that matches no volume is likely a typo that leaves the intended volume
             // open to every client: say so (the volume may also simply be created later).
             let names: Vec<String> = d

@@ -110,6 +110,55 @@ impl MicroCeph {
             .expect("run rbd")
     }
 
+    /// The pids of this cluster's live daemons (monitor and OSD), from the pid files under
+    /// `run/`, each checked to be a process started with this cluster's conf (pids get reused).
+    pub fn daemon_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        let Ok(dir) = std::fs::read_dir(self.dir.path().join("run")) else {
+            return pids;
+        };
+        let conf = self.conf.to_string_lossy().into_owned();
+        for e in dir.flatten() {
+            if e.path().extension().is_none_or(|x| x != "pid") {
+                continue;
+            }
+            let Some(pid) = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&conf) {
+                pids.push(pid);
+            }
+        }
+        pids.sort();
+        pids
+    }
+
+    fn signal_all(&self, sig: &str) {
+        let pids = self.daemon_pids();
+        assert_eq!(pids.len(), 2, "one monitor and one OSD running: {pids:?}");
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .args(pids.iter().map(u32::to_string))
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -{sig} {pids:?}");
+    }
+
+    /// Freezes the cluster (SIGSTOP to the monitor and the OSD): every request to it waits,
+    /// as in a network partition, and nothing is lost (a memstore OSD restarted would be empty).
+    pub fn freeze(&self) {
+        self.signal_all("STOP");
+    }
+
+    /// Lets a frozen cluster run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal_all("CONT");
+    }
+
     /// Kills the daemons (the directory stays until drop): the cluster is gone.
     pub fn stop(&mut self) {
         if self.running {

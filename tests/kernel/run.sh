@@ -9,6 +9,10 @@
 #   s4096       4096-byte-sector volume, default block size: 512-aligned I/O, server-side RMW
 #   s4096-b4k   4096-byte-sector volume, nbd-client -b 4096
 #   s4096-mc2   4096-byte-sector volume, -C 2 (multi-conn; the kernel demands CAN_MULTI_CONN)
+#   rbd-s4096   4096-byte-sector volume on Ceph RBD (a throwaway tests/ceph/micro-ceph.sh
+#               cluster; 64 MiB image, smaller pattern and perf runs: memstore keeps data in
+#               RAM). Only with the cryptvol server and ceph-mon/ceph-osd/rbd installed
+#               (CRYPTVOL_REQUIRE_CEPH=1 makes their absence an error; CRYPTVOL_KERNEL_RBD=0 skips it).
 # After each VM stops: detach and re-attach the volume (the DEK is unwrapped anew), copy the
 # export out with another client (nbdcopy, libnbd) and check on the host what the guest
 # reported: the random pattern's sha256, the unaligned marker, e2fsck -fn, and every file of
@@ -28,7 +32,7 @@ while [ $# -gt 0 ]; do
         --server) server=$2; shift ;;
         --only) only=$2; shift ;;
         --cryptvol) cryptvol_bin=$2; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "kernel/run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -50,8 +54,11 @@ done
 
 work=$(mktemp -d /tmp/cryptvol-kernel.XXXXXX)
 size_mb=256
+rbd_size_mb=64
 pids=()
+ceph_dir=""
 cleanup() {
+    [ -z "$ceph_dir" ] || bash "$repo/tests/ceph/micro-ceph.sh" stop "$ceph_dir" >/dev/null 2>&1 || true
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -rf "$work"
@@ -68,7 +75,19 @@ wait_nbd() {
     return 1
 }
 
-# --- server back ends: setup, create VOLUME SECTOR, uri VOLUME, reattach VOLUME --------------
+# The RBD case: a throwaway one-node cluster, when Ceph is installed.
+use_rbd=0
+if [ "$server" = cryptvol ] && [ "${CRYPTVOL_KERNEL_RBD:-1}" = 1 ]; then
+    if command -v ceph-mon >/dev/null && command -v ceph-osd >/dev/null && command -v rbd >/dev/null; then
+        use_rbd=1
+    elif [ "${CRYPTVOL_REQUIRE_CEPH:-0}" = 1 ]; then
+        say "CRYPTVOL_REQUIRE_CEPH=1 but ceph-mon/ceph-osd/rbd are not installed"; exit 2
+    else
+        say "rbd-s4096 skipped: ceph-mon/ceph-osd/rbd not installed"
+    fi
+fi
+
+# --- server back ends: setup, create VOLUME SECTOR STORE, uri VOLUME, reattach VOLUME ---------
 case $server in
 cryptvol)
     bin=$cryptvol_bin
@@ -91,14 +110,32 @@ unix_socket = "$nbdsock"
 [kms]
 root_key_file = "$st/state/root.key"
 EOF
+        if [ "$use_rbd" = 1 ]; then
+            ceph_dir=$work/ceph
+            bash "$repo/tests/ceph/micro-ceph.sh" start "$ceph_dir" > "$work/ceph.log" 2>&1 \
+                || { say "micro-ceph start failed:"; cat "$work/ceph.log" >&2; exit 2; }
+            cat >> "$st/cryptvol.toml" <<EOF
+[ceph]
+conf = "$ceph_dir/ceph.conf"
+client = "cryptvol-a"
+keyring = "$ceph_dir/client.cryptvol-a.keyring"
+pool = "rbd"
+op_timeout_secs = 30
+EOF
+        fi
         "$bin" serve --config "$st/cryptvol.toml" > "$work/cryptvol.log" 2>&1 &
         pids+=($!)
         local i
         for i in $(seq 1 200); do cv volume list >/dev/null 2>&1 && break; sleep 0.05; done
         cv key create --alias kernel-tests >/dev/null
     }
-    srv_create() { # name sector
-        cv volume create "$1" --size "${size_mb}M" --key kernel-tests --sector-size "$2" >/dev/null
+    srv_create() { # name sector [store]
+        if [ "${3:-file}" = rbd ]; then
+            cv volume create "$1" --size "${rbd_size_mb}M" --key kernel-tests --sector-size "$2" \
+                --store rbd >/dev/null
+        else
+            cv volume create "$1" --size "${size_mb}M" --key kernel-tests --sector-size "$2" >/dev/null
+        fi
         cv volume attach "$1" >/dev/null
     }
     srv_sock() { echo "$nbdsock"; }
@@ -161,17 +198,18 @@ verify_copy() { # name console.log
 
 # --- the cases -------------------------------------------------------------------------------
 cases=("s512:512:" "s4096:4096:" "s4096-b4k:4096:--block-size 4096" "s4096-mc2:4096:--connections 2")
+[ "$use_rbd" = 1 ] && cases+=("rbd-s4096:4096:--pattern-mb 8 --perf-mb 16:rbd")
 srv_setup
 results=()
 overall=0
 for c in "${cases[@]}"; do
-    IFS=: read -r name sector extra <<<"$c"
+    IFS=: read -r name sector extra store <<<"$c"
     if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then continue; fi
-    srv_create "$name" "$sector"
+    srv_create "$name" "$sector" "${store:-file}"
     sock=$(srv_sock "$name")
     wait_nbd "nbd+unix:///$name?socket=$sock"
     out=$work/run-$name
-    say "$name: kernel client ($extra) against $server, ${sector}-byte sectors"
+    say "$name: kernel client ($extra) against $server, ${sector}-byte sectors, ${store:-file} store"
     t0=$(date +%s)
     # shellcheck disable=SC2086 # $extra is a list of options
     set +e
