@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ceph_support::{CLIENT_A, CLIENT_B, MicroCeph};
-use common::{Env, have, qemu_io};
+use common::{Env, qemu_io};
 
 const MIB: usize = 1 << 20;
 
@@ -50,22 +50,11 @@ fn two_hosts(mc: &MicroCeph) -> (Env, Env) {
     std::fs::copy(a.state.join("root.key"), b.state.join("root.key")).unwrap();
     a.start();
     a.json(&["key", "create", "--alias", "k"]);
-    // Key records are per host for now: B gets A's key store as it is after the create.
+    // With the default (local) key store B gets a copy of A's as it is after the create;
+    // `[kms] store = "rados"` shares the records instead (tests/kms_rados.rs).
     copy_dir(&a.state.join("kms"), &b.state.join("kms"));
     b.start();
     (a, b)
-}
-
-fn tools_present(test: &str) -> bool {
-    let missing: Vec<&str> = ["qemu-io", "nbdcopy"]
-        .into_iter()
-        .filter(|t| !have(t))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    eprintln!("SKIP {test}: {} not installed", missing.join(", "));
-    false
 }
 
 fn ok(o: &std::process::Output, what: &str) -> String {
@@ -154,7 +143,7 @@ fn decrypt_export(mc: &MicroCeph, h: &Env, name: &str, first: usize, n: usize) -
 #[test]
 fn two_hosts_one_writer_and_only_ciphertext_in_the_cluster() {
     let test = "two_hosts_one_writer_and_only_ciphertext_in_the_cluster";
-    if !tools_present(test) {
+    if !common::tools_present(test, &["qemu-io", "nbdcopy"]) {
         return;
     }
     let Some(mc) = MicroCeph::start(test) else {
@@ -361,7 +350,7 @@ fn check_rounds(data: &[u8], flushed: u64, started: u64) {
 #[test]
 fn takeover_fences_a_crashed_and_a_live_holder() {
     let test = "takeover_fences_a_crashed_and_a_live_holder";
-    if !tools_present(test) {
+    if !common::tools_present(test, &["qemu-io", "nbdcopy"]) {
         return;
     }
     let Some(mc) = MicroCeph::start(test) else {
@@ -501,7 +490,7 @@ fn takeover_fences_a_crashed_and_a_live_holder() {
 #[test]
 fn cluster_down_at_start_keeps_file_volumes() {
     let test = "cluster_down_at_start_keeps_file_volumes";
-    if !tools_present(test) {
+    if !common::tools_present(test, &["qemu-io", "nbdcopy"]) {
         return;
     }
     let Some(mut mc) = MicroCeph::start(test) else {
@@ -545,7 +534,7 @@ fn cluster_down_at_start_keeps_file_volumes() {
 #[test]
 fn an_image_swapped_for_another_volumes_is_refused() {
     let test = "an_image_swapped_for_another_volumes_is_refused";
-    if !tools_present(test) {
+    if !common::tools_present(test, &["qemu-io", "nbdcopy"]) {
         return;
     }
     let Some(mc) = MicroCeph::start(test) else {

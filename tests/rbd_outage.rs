@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use ceph_support::{CLIENT_A, MicroCeph};
-use common::{Env, have};
+use common::Env;
 
 /// The daemon's `[ceph] op_timeout_secs`.
 const OP_TIMEOUT_SECS: u64 = 3;
@@ -33,18 +33,6 @@ fn host(mc: &MicroCeph) -> Env {
             keyring.display()
         )
     })
-}
-
-fn tools_present(test: &str) -> bool {
-    let missing: Vec<&str> = ["qemu-io", "timeout"]
-        .into_iter()
-        .filter(|t| !have(t))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    eprintln!("SKIP {test}: {} not installed", missing.join(", "));
-    false
 }
 
 fn text(o: &Output) -> String {
@@ -113,7 +101,7 @@ fn volume<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value 
 #[test]
 fn frozen_cluster_gives_errors_not_hangs_and_service_resumes() {
     let test = "frozen_cluster_gives_errors_not_hangs_and_service_resumes";
-    if !tools_present(test) {
+    if !common::tools_present(test, &["qemu-io", "timeout"]) {
         return;
     }
     let Some(mc) = MicroCeph::start(test) else {
@@ -198,7 +186,7 @@ fn frozen_cluster_gives_errors_not_hangs_and_service_resumes() {
 #[test]
 fn daemon_starts_with_a_frozen_cluster() {
     let test = "daemon_starts_with_a_frozen_cluster";
-    if !tools_present(test) {
+    if !common::tools_present(test, &["qemu-io", "timeout"]) {
         return;
     }
     let Some(mc) = MicroCeph::start(test) else {

@@ -371,6 +371,16 @@ pub fn stderr_of(child: &mut Child) -> String {
     err
 }
 
+/// Whether every tool in `tools` is installed; prints why `test` skips when one is not.
+pub fn tools_present(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    eprintln!("SKIP {test}: {} not installed", missing.join(", "));
+    false
+}
+
 /// `qemu-io` on `uri` running `cmd`, which must succeed.
 pub fn ok_io(uri: &str, cmd: &str) {
     let o = qemu_io(uri, &[cmd]);
