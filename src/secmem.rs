@@ -545,11 +545,11 @@ mod tests {
                     .all(|&x| x == 0)
             );
         }
-        let keep = b.as_ptr() as usize;
         // SAFETY: b came from pool.alloc(32, _) and is not used again.
         unsafe { pool.free(b, 32) };
+        // munmap unlocks the page. Its address is not looked at again: another test thread
+        // may map (and lock) a new page at the same address at once.
         assert_eq!(pool.mappings(), 0, "empty page given back");
-        assert!(!locked(keep), "no locked page left behind");
     }
 
     #[test]
