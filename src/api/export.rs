@@ -18,6 +18,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::daemon::exports::VolumeBackend;
+use crate::volume::store::walk_allocation;
 
 pub const MAGIC: &[u8; 8] = b"CVEXPORT";
 pub const VERSION: u32 = 1;
@@ -142,48 +143,46 @@ pub fn produce(vol: Arc<VolumeBackend>, tx: tokio::sync::mpsc::Sender<Bytes>) ->
     // Plaintext: wiped when done.
     let mut buf = zeroize::Zeroizing::new(vec![0u8; PIECE as usize]);
     let r = (|| -> Result<bool, String> {
-        const WINDOW: u64 = 1 << 30;
         let mut hole = 0u64;
-        let mut pos = 0u64;
-        while pos < size {
-            let wend = (pos + WINDOW).min(size);
-            let runs = v.extents(pos, wend - pos).map_err(|e| e.to_string())?;
-            let mut at = pos;
-            for (len, is_hole) in runs {
-                let end = at + len;
-                if is_hole {
-                    hole += len;
-                    at = end;
-                    continue;
-                }
-                while at < end {
-                    let n = (end - at).min(PIECE) as usize;
-                    v.read(at, &mut buf[..n]).map_err(|e| e.to_string())?;
-                    let mut q = 0usize;
-                    while q < n {
-                        let start = q;
-                        let zero = crate::zeroes::is_zero(&buf[q..(q + GRANULE).min(n)]);
-                        while q < n && crate::zeroes::is_zero(&buf[q..(q + GRANULE).min(n)]) == zero
-                        {
-                            q = (q + GRANULE).min(n);
-                        }
-                        if zero {
-                            hole += (q - start) as u64;
-                        } else {
-                            if hole > 0 && !send(record(HOLE, hole, &[])) {
-                                return Ok(false);
-                            }
-                            hole = 0;
-                            if !send(record(DATA, (q - start) as u64, &buf[start..q])) {
-                                return Ok(false);
-                            }
-                            sent += (q - start) as u64;
-                        }
-                    }
-                    at += n as u64;
-                }
+        let mut gone = false;
+        let query = |at, len| v.extents(at, len).map_err(|e| e.to_string());
+        walk_allocation(0, size, query, |mut at, len, is_hole| {
+            let end = at + len;
+            if is_hole {
+                hole += len;
+                return Ok(true);
             }
-            pos = wend;
+            while at < end {
+                let n = (end - at).min(PIECE) as usize;
+                v.read(at, &mut buf[..n]).map_err(|e| e.to_string())?;
+                let mut q = 0usize;
+                while q < n {
+                    let start = q;
+                    let zero = crate::zeroes::is_zero(&buf[q..(q + GRANULE).min(n)]);
+                    while q < n && crate::zeroes::is_zero(&buf[q..(q + GRANULE).min(n)]) == zero {
+                        q = (q + GRANULE).min(n);
+                    }
+                    if zero {
+                        hole += (q - start) as u64;
+                    } else {
+                        if hole > 0 && !send(record(HOLE, hole, &[])) {
+                            gone = true;
+                            return Ok(false);
+                        }
+                        hole = 0;
+                        if !send(record(DATA, (q - start) as u64, &buf[start..q])) {
+                            gone = true;
+                            return Ok(false);
+                        }
+                        sent += (q - start) as u64;
+                    }
+                }
+                at += n as u64;
+            }
+            Ok(true)
+        })?;
+        if gone {
+            return Ok(false);
         }
         if hole > 0 && !send(record(HOLE, hole, &[])) {
             return Ok(false);

@@ -29,6 +29,7 @@ use crate::server::{Qos, QosLimits};
 use crate::volume::snapshot::{
     CowState, SnapRecord, copy_sparse, pace, reflink, reflink_range, reflink_unsupported,
 };
+use crate::volume::store::walk_allocation;
 use crate::volume::{BlockStore, FileStore, Volume, VolumeHeader, XtsKey};
 
 /// What `volume snapshot list/inspect` shows.
@@ -390,6 +391,16 @@ impl Daemon {
             ))
         } else if h.key_id != reg.key_id || w.key_id.to_string() != h.key_id {
             Some(format!("names key {}, not {}", h.key_id, reg.key_id))
+        } else if let Some(len) = store
+            .len()
+            .ok()
+            .filter(|&l| h.data_offset.checked_add(h.size).is_none_or(|end| l < end))
+        {
+            // Cut short (a clone or export would silently read zeros for the lost part).
+            Some(format!(
+                "is truncated ({len} bytes, its header says {} + {})",
+                h.data_offset, h.size
+            ))
         } else if self
             .registry()
             .get(vol)
@@ -733,15 +744,20 @@ impl Daemon {
             }
             Volume::create_with_store(&d, &nh).map_err(Self::vol_err(new))?;
             if method == "copy" {
+                // Data runs only, 1 MiB at a time (paced); holes are jumped over.
                 let (start, mut buf) = (Instant::now(), Vec::new());
-                let mut p = 0u64;
-                while p < nh.size {
-                    let n = (nh.size - p).min(1 << 20);
-                    let at = nh.data_offset + p;
-                    copy_sparse(&s, &d, at, at + n, !nh.encrypt_zeroes(), &mut buf)?;
-                    p += n;
-                    pace(start, p, max_rate);
-                }
+                let (d0, thin) = (nh.data_offset, !nh.encrypt_zeroes());
+                let query = |at: u64, len| s.allocation(d0 + at, len);
+                walk_allocation(0, nh.size, query, |mut p, len, hole| {
+                    let end = p + len;
+                    while !hole && p < end {
+                        let n = (end - p).min(1 << 20);
+                        copy_sparse(&s, &d, d0 + p, d0 + p + n, thin, &mut buf)?;
+                        p += n;
+                        pace(start, p, max_rate);
+                    }
+                    Ok(true)
+                })?;
             }
             d.sync()?;
             Ok(method)

@@ -32,7 +32,7 @@ use super::disk::{Volume, read_header_from, rewrite_header};
 use super::header::{
     FLAG_REENCRYPT, JOURNAL_AT, JOURNAL_LEN, REENC_PAUSED, Reencrypt, VolumeHeader,
 };
-use super::store::BlockStore;
+use super::store::{BlockStore, leading_hole};
 use crate::zeroes::is_zero;
 
 /// Test hook: with `CRYPTVOL_TEST_REENC_ABORT_AT=N` in the environment the process aborts
@@ -58,8 +58,6 @@ pub fn crash_point() {
 
 /// Bytes re-encrypted per journaled step.
 pub const SEGMENT: u64 = JOURNAL_LEN;
-/// Largest hole run skipped with one header write.
-const SKIP_WINDOW: u64 = 8 << 30;
 
 /// The in-memory state of a re-encryption on an open volume.
 pub struct Migration {
@@ -333,13 +331,12 @@ impl Volume {
             return Ok(Step::Done);
         }
         let d0 = h.data_offset;
-        let w_end = b.saturating_add(SKIP_WINDOW).min(h.size);
-        self.set_inflight(Some((b / u, w_end.div_ceil(u))), None);
-        let hole = match store.allocation(d0 + b, w_end - b) {
-            Ok(runs) => match runs.first() {
-                Some(&(len, true)) => len / u * u,
-                _ => 0,
-            },
+        // The whole rest waits while the hole is measured and the boundary moved past it
+        // (a write cannot fill the hole in between): a few allocation queries and one
+        // header write, however large the hole (an empty 8 EiB volume: ~33 queries).
+        self.set_inflight(Some((b / u, h.size.div_ceil(u))), None);
+        let hole = match leading_hole(d0 + b, d0 + h.size, |at, len| store.allocation(at, len)) {
+            Ok(len) => len / u * u,
             Err(e) => {
                 self.set_inflight(None, None);
                 return Err(e.into());

@@ -10,15 +10,18 @@
 //!  "copy" a chunk: FICLONERANGE where the file system shares blocks (XFS, btrfs: reflink
 //!  path, no data moves), else read + write of its data extents (copy path).
 //! ```
-//! A chunk ([`CHUNK`] bytes of the data area) is copied once, under its own lock, by
-//! whoever comes first; its bit in the bitmap says it is done. The snapshot file is built
-//! under a temporary name and renamed by the daemon once the copy is complete and synced.
+//! A chunk ([`CHUNK`] bytes of the data area) is copied once, under its shard's lock, by
+//! whoever comes first: the copier's position says which chunks are done, and a small set
+//! per shard the chunks writers copied ahead of it (never a bitmap of the whole volume).
+//! The snapshot file is built under a temporary name and renamed by the daemon once the
+//! copy is complete and synced.
 //! Copies are of ciphertext: the XTS tweak is the unit number, so a snapshot (and a clone)
 //! decrypts with the same DEK. A whole-file FICLONE inside the quiesce was tried first: XFS
 //! writes the dirty pages back and walks every extent in the call, seconds under load.
 //! Snapshot files carry a [`SnapRecord`] in the last 4 KiB before the data area (after the
 //! two header copies, far from them).
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -184,7 +187,7 @@ pub fn copy_sparse(
     Ok(written)
 }
 
-/// The state of one copy-path snapshot in the making: the bitmap of chunks already copied
+/// The state of one copy-path snapshot in the making: which chunks are already copied
 /// and the files. Shared by the volume's write path (while attached) and the copier.
 pub struct CowState {
     src: FileStore,
@@ -194,9 +197,13 @@ pub struct CowState {
     data_offset: u64,
     size: u64,
     thin: bool,
-    copied: Vec<AtomicU64>,
-    locks: Vec<Mutex<()>>,
-    /// Bytes of the data area the copier has gone past.
+    /// Chunks copied by writers ahead of the copier, sharded by chunk number; each shard's
+    /// lock is also the lock a chunk is copied under. Only chunks written while the copy
+    /// runs are here (the copier drops each as it passes it), so memory follows the writes,
+    /// not the volume's size: a bitmap of an 8 EiB volume would be 16 TiB.
+    copied: Vec<Mutex<HashSet<u64>>>,
+    /// Bytes of the data area the copier has gone past: every chunk that ends at or below
+    /// it is in the snapshot (copied, or a hole the copier skipped and no writer touched).
     scanned: AtomicU64,
     /// Chunks copied by writers (copy-before-write), for `snapshot inspect`.
     cow_chunks: AtomicU64,
@@ -217,8 +224,6 @@ impl CowState {
         thin: bool,
         reflink: bool,
     ) -> io::Result<CowState> {
-        let chunks = size.div_ceil(CHUNK);
-        let words = usize::try_from(chunks.div_ceil(64)).unwrap_or(usize::MAX);
         let reflink = if reflink {
             Some((src.try_clone()?, dst.try_clone()?))
         } else {
@@ -231,8 +236,7 @@ impl CowState {
             data_offset,
             size,
             thin,
-            copied: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            locks: (0..LOCKS).map(|_| Mutex::new(())).collect(),
+            copied: (0..LOCKS).map(|_| Mutex::new(HashSet::new())).collect(),
             scanned: AtomicU64::new(0),
             cow_chunks: AtomicU64::new(0),
             failed: Mutex::new(None),
@@ -241,35 +245,51 @@ impl CowState {
         })
     }
 
-    fn is_copied(&self, c: u64) -> bool {
-        self.copied[(c / 64) as usize].load(Ordering::Acquire) & (1 << (c % 64)) != 0
+    /// Whether the copier has gone past chunk `c`.
+    fn passed(&self, c: u64) -> bool {
+        self.chunk_end(c) <= self.scanned.load(Ordering::Acquire)
     }
 
-    /// Copies chunk `c` unless done; `by_writer`: counted as copy-before-write.
+    fn chunk_end(&self, c: u64) -> u64 {
+        c.saturating_add(1).saturating_mul(CHUNK).min(self.size)
+    }
+
+    /// Copies chunk `c` unless done. `by_writer`: a copy-before-write (remembered until the
+    /// copier passes the chunk); else the copier's own, in order, which moves `scanned`.
     fn copy_chunk(&self, c: u64, by_writer: bool, buf: &mut Vec<u8>) {
-        if self.is_copied(c) || self.is_failed.load(Ordering::Relaxed) {
+        if self.passed(c) || self.is_failed.load(Ordering::Relaxed) {
             return;
         }
-        let _g = self.locks[(c % LOCKS as u64) as usize]
+        let mut set = self.copied[(c % LOCKS as u64) as usize]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if self.is_copied(c) {
+        if self.passed(c) {
             return;
         }
-        let from = self.data_offset + c * CHUNK;
-        let to = self.data_offset + ((c + 1) * CHUNK).min(self.size);
-        let done = match &self.reflink {
-            Some((s, d)) => reflink_range(s, from, to - from, d, from),
-            None => copy_sparse(&self.src, &self.dst, from, to, self.thin, buf).map(drop),
+        let done_by_writer = if by_writer {
+            set.contains(&c)
+        } else {
+            set.remove(&c)
         };
-        match done {
-            Ok(()) => {
-                self.copied[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Release);
-                if by_writer {
-                    self.cow_chunks.fetch_add(1, Ordering::Relaxed);
-                }
+        if !done_by_writer {
+            let from = self.data_offset + c * CHUNK;
+            let to = self.data_offset + self.chunk_end(c);
+            let done = match &self.reflink {
+                Some((s, d)) => reflink_range(s, from, to - from, d, from),
+                None => copy_sparse(&self.src, &self.dst, from, to, self.thin, buf).map(drop),
+            };
+            if let Err(e) = done {
+                self.fail(format!("copying chunk {c}: {e}"));
+                return;
             }
-            Err(e) => self.fail(format!("copying chunk {c}: {e}")),
+            if by_writer {
+                set.insert(c);
+                self.cow_chunks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !by_writer {
+            // Under the shard lock: a writer waiting for it sees the chunk as passed.
+            self.scanned.fetch_max(self.chunk_end(c), Ordering::Release);
         }
     }
 
@@ -323,40 +343,35 @@ impl CowState {
     /// stay holes in the snapshot). `max_rate`: bytes per second of the data area scanned
     /// (0 = unlimited). Then the snapshot file is synced. Runs on its own thread.
     pub fn run_copy(&self, max_rate: u64) -> Result<(), String> {
-        const WINDOW: u64 = 1 << 30;
         let start = Instant::now();
         let mut buf = Vec::new();
-        let mut pos = 0u64;
-        while pos < self.size {
-            let end = (pos + WINDOW).min(self.size);
-            let runs = self
-                .src
-                .allocation(self.data_offset + pos, end - pos)
-                .map_err(|e| format!("allocation map: {e}"))?;
-            let mut at = pos;
-            for (len, hole) in runs {
-                let run_end = at + len;
-                if !hole {
-                    let mut c = at / CHUNK;
-                    while c * CHUNK < run_end {
-                        if self.cancel.load(Ordering::Acquire) {
-                            return Err("cancelled".into());
-                        }
-                        self.copy_chunk(c, false, &mut buf);
-                        if let Some(why) = self.failure() {
-                            return Err(why);
-                        }
-                        let done = ((c + 1) * CHUNK).min(self.size);
-                        self.scanned.store(done, Ordering::Relaxed);
-                        pace(start, done, max_rate);
-                        c += 1;
+        let query = |at: u64, len: u64| {
+            self.src
+                .allocation(self.data_offset + at, len)
+                .map_err(|e| format!("allocation map: {e}"))
+        };
+        crate::volume::store::walk_allocation(0, self.size, query, |at, len, hole| {
+            let run_end = at + len;
+            if !hole {
+                let mut c = at / CHUNK;
+                while c * CHUNK < run_end {
+                    if self.cancel.load(Ordering::Acquire) {
+                        return Err("cancelled".into());
                     }
+                    self.copy_chunk(c, false, &mut buf);
+                    if let Some(why) = self.failure() {
+                        return Err(why);
+                    }
+                    pace(start, self.chunk_end(c), max_rate);
+                    c += 1;
                 }
-                at = run_end;
-                self.scanned.fetch_max(at, Ordering::Relaxed);
             }
-            pos = end;
-        }
+            // Chunks wholly inside a hole are passed (a writer that changed one copied it).
+            self.scanned
+                .fetch_max(run_end / CHUNK * CHUNK, Ordering::Release);
+            Ok(true)
+        })?;
+        self.scanned.store(self.size, Ordering::Release);
         self.dst
             .sync()
             .map_err(|e| format!("syncing the snapshot: {e}"))?;

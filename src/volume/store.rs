@@ -470,3 +470,116 @@ impl BlockStore for MemStore {
         Ok(runs)
     }
 }
+
+/// Walks the allocation map of `[from, to)` in windows, calling `f(at, len, is_hole)` for
+/// each run in order; `f` returns `Ok(false)` to stop. `query(at, len)` gives one window's
+/// runs (they cover it). A window that is one hole doubles the next (up to the rest), so an
+/// empty 8 EiB range costs ~33 queries instead of 2^33 windows of 1 GiB; a window with data
+/// starts again at 1 GiB, which bounds the runs held at once.
+pub fn walk_allocation<E>(
+    from: u64,
+    to: u64,
+    mut query: impl FnMut(u64, u64) -> Result<Vec<(u64, bool)>, E>,
+    mut f: impl FnMut(u64, u64, bool) -> Result<bool, E>,
+) -> Result<(), E> {
+    const WINDOW: u64 = 1 << 30;
+    let mut window = WINDOW;
+    let mut pos = from;
+    while pos < to {
+        let len = window.min(to - pos);
+        let runs = query(pos, len)?;
+        let all_hole = runs.iter().all(|&(_, hole)| hole);
+        let mut at = pos;
+        for (n, hole) in runs {
+            let n = n.min(pos + len - at);
+            if n > 0 && !f(at, n, hole)? {
+                return Ok(());
+            }
+            at += n;
+        }
+        pos += len;
+        window = if all_hole {
+            window.saturating_mul(2)
+        } else {
+            WINDOW
+        };
+    }
+    Ok(())
+}
+
+/// The length of the hole at the start of `[from, to)` (0 if data is there), found with
+/// [`walk_allocation`].
+pub fn leading_hole<E>(
+    from: u64,
+    to: u64,
+    query: impl FnMut(u64, u64) -> Result<Vec<(u64, bool)>, E>,
+) -> Result<u64, E> {
+    let mut hole = 0u64;
+    walk_allocation(from, to, query, |_, n, is_hole| {
+        if is_hole {
+            hole += n;
+        }
+        Ok(is_hole)
+    })?;
+    Ok(hole)
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use super::*;
+
+    /// A map of an 8 EiB range with data at two places; queries are counted.
+    fn sparse_map(at: u64, len: u64, data: &[(u64, u64)]) -> Vec<(u64, bool)> {
+        let mut runs = Vec::new();
+        let mut p = at;
+        let end = at + len;
+        for &(s, e) in data {
+            let (s, e) = (s.max(p), e.min(end));
+            if s >= e {
+                continue;
+            }
+            if s > p {
+                runs.push((s - p, true));
+            }
+            runs.push((e - s, false));
+            p = e;
+        }
+        if p < end {
+            runs.push((end - p, true));
+        }
+        runs
+    }
+
+    #[test]
+    fn walks_an_exabyte_range_in_few_queries_and_finds_every_run() {
+        let to = (i64::MAX as u64) - (1 << 20);
+        let data = [(5 << 40, (5 << 40) + 4096), (to - 8192, to - 4096)];
+        let mut queries = 0;
+        let mut seen = Vec::new();
+        let mut covered = 0u64;
+        walk_allocation::<()>(
+            0,
+            to,
+            |at, len| {
+                queries += 1;
+                Ok(sparse_map(at, len, &data))
+            },
+            |at, n, hole| {
+                assert_eq!(at, covered, "runs in order, no gaps");
+                covered += n;
+                if !hole {
+                    seen.push((at, at + n));
+                }
+                Ok(true)
+            },
+        )
+        .unwrap();
+        assert_eq!(covered, to);
+        assert_eq!(seen, data);
+        assert!(queries < 200, "{queries} queries");
+        let lead = leading_hole::<()>(0, to, |at, len| Ok(sparse_map(at, len, &data))).unwrap();
+        assert_eq!(lead, 5 << 40);
+        let none = leading_hole::<()>(0, to, |at, len| Ok(sparse_map(at, len, &[]))).unwrap();
+        assert_eq!(none, to);
+    }
+}
