@@ -65,7 +65,13 @@ impl Ceph {
     pub fn open_read_only(&self, _: &str, _: &str) -> Result<Arc<dyn BlockStore>, DaemonError> {
         Err(off())
     }
-    pub fn open_for_attach(&self, _: &str, _: &str, _: bool, _: bool) -> Result<Opened, DaemonError> {
+    pub fn open_for_attach(
+        &self,
+        _: &str,
+        _: &str,
+        _: bool,
+        _: bool,
+    ) -> Result<Opened, DaemonError> {
         Err(off())
     }
     pub fn open_locked(&self, _: &str, _: &str, _: bool) -> Result<Locked, DaemonError> {

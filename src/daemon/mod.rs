@@ -1211,7 +1211,10 @@ impl Daemon {
                 tracing::info!(volume = name, "detached (was not re-attached)");
             }
             drop(st);
-            return self.info_locked(name);
+            return match self.info_locked(name) {
+                Err(e @ DaemonError::Cluster(_)) => Ok(self.failed_info(name, &e)),
+                r => r,
+            };
         };
         let clients = a.clients.load(Ordering::SeqCst);
         if clients > 0 && !force {

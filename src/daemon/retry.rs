@@ -82,9 +82,8 @@ impl Daemon {
             tracing::info!(volume = name, "re-attach dropped: no longer wanted");
             return false;
         }
-        let r = opened.and_then(|o| {
-            self.attach_opened(&Caller::DAEMON, name, read_only, false, Some(o))
-        });
+        let r = opened
+            .and_then(|o| self.attach_opened(&Caller::DAEMON, name, read_only, false, Some(o)));
         match r {
             Ok(()) => {
                 tracing::info!(volume = name, "re-attached: the cluster is back");
