@@ -12,6 +12,7 @@ mod ceph;
 pub mod ceph_kms;
 pub mod exports;
 mod metrics;
+pub mod migrate;
 mod qos;
 #[cfg(feature = "rbd")]
 mod reach;

@@ -142,6 +142,7 @@ impl Running {
         let kms_dir = cfg.state_dir.join("kms");
         let kms = match (&cfg.kms_store, &cfg.ceph) {
             (crate::config::KmsStore::Rados, Some(c)) => {
+                super::migrate::refuse_unmigrated(cfg, &kms_dir)?;
                 let records = super::ceph_kms::records(c)?;
                 Kms::open_shared(&kms_dir, root, kcfg, hsm, records)
             }
@@ -492,7 +493,7 @@ mod anyhow_free {
 
 /// `[kms] custody = "pkcs11"`: loads the module, finds the token, checks AES-GCM and logs in;
 /// any failure is one line naming the config file, the key and the problem.
-fn open_custody(
+pub(super) fn open_custody(
     cfg: &crate::config::Config,
 ) -> Result<Option<Arc<dyn crate::kms::Custody>>, String> {
     use crate::config::{CustodyConfig, PinSource};

@@ -50,6 +50,10 @@ use super::secret::Secret;
 use super::wrap::{self, EncryptionContext};
 use super::{KeyMetadata, KeyState, KmsError};
 
+#[path = "migrate.rs"]
+mod migrate;
+pub use migrate::{Merged, local_key_count};
+
 #[cfg(test)]
 const FILE: &str = super::records::KEYS_FILE;
 /// HKDF info of the shared records' sealing key (versioned: a new scheme gets a new label).
