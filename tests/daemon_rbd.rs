@@ -11,7 +11,6 @@ mod common;
 #[path = "ceph_support/hosts.rs"]
 mod hosts;
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
