@@ -150,3 +150,46 @@ fn local_keys_move_into_shared_records_and_their_volumes_attach() {
     let list = a.json(&["key", "list"]).to_string();
     assert!(!list.contains("c-only"), "{list}");
 }
+
+#[test]
+fn token_keys_migrate_as_references() {
+    let test = "token_keys_migrate_as_references";
+    if !common::tools_present(test, &["qemu-io"]) {
+        return;
+    }
+    let Some(t) = common::hsm::token("cv-migrate") else {
+        return;
+    };
+    let Some(mc) = MicroCeph::start(test) else {
+        return;
+    };
+    let mut a = hosts::host(&mc, CLIENT_A, 5, &t.config());
+    a.start_via(&t.wrapper());
+    let info = a.json(&["key", "create", "--alias", "hk"])["key_info"].clone();
+    assert_eq!(info["custody"], "pkcs11", "{info}");
+    let id = info["key_id"].as_str().unwrap().to_owned();
+    a.json(&[
+        "volume", "create", "v", "--size", "4M", "--key", "hk", "--store", "rbd",
+    ]);
+    a.json(&["volume", "attach", "v"]);
+    let o = qemu_io(&a.uri("v"), &["write -P 0x6d 0 1M", "flush"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(a.stop().success());
+
+    switch_to_rados(&a);
+    let o = a.cli_via(&t.wrapper(), &["--json", "key", "migrate-records"]);
+    assert!(o.status.success(), "migrate-records: {}", text(&o));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(aliases(&m["added"]), ["hk"], "{m}");
+    // The token object is the key, before and after: referenced, not copied or remade.
+    assert!(t.object(&format!("cryptvol/{id}/v1")).is_some());
+    a.start_via(&t.wrapper());
+    let d = a.json(&["key", "describe", "hk"]);
+    assert_eq!(
+        (&d["key_info"]["key_id"], &d["key_info"]["custody"]),
+        (&id.as_str().into(), &"pkcs11".into()),
+        "{d}"
+    );
+    let o = qemu_io(&a.uri("v"), &["read -P 0x6d 0 1M"]);
+    assert!(o.status.success(), "re-attached at start: {}", text(&o));
+}
