@@ -183,24 +183,29 @@ impl Ceph {
     /// or kill mid-import left them). Other daemons' images are never touched: theirs may
     /// be imports in progress.
     fn remove_stale_imports(&self, io: &crate::volume::rbd::IoCtx) {
-        let mine = format!("{TEMP_PREFIX}{}.", self.instance);
-        let images = match io.list_images() {
-            Ok(v) => v,
+        match io.list_images() {
+            Ok(v) => self.remove_stale_in(io, &v),
             Err(e) => {
                 tracing::warn!(pool = %io.pool(), error = %e, "cannot list the pool for unfinished imports");
-                return;
             }
-        };
-        for image in images.into_iter().filter(|i| i.starts_with(&mine)) {
+        }
+    }
+
+    /// [`Ceph::remove_stale_imports`] over a listing already made (`volume list` passes its
+    /// own: an image the cluster still refuses to remove, its crashed opener's watch not yet
+    /// timed out, goes on a later listing).
+    fn remove_stale_in(&self, io: &crate::volume::rbd::IoCtx, images: &[String]) {
+        let mine = format!("{TEMP_PREFIX}{}.", self.instance);
+        for image in images.iter().filter(|i| i.starts_with(&mine)) {
             if self
                 .building
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains(&image)
+                .contains(image)
             {
                 continue;
             }
-            match io.remove_image(&image) {
+            match io.remove_image(image) {
                 Ok(()) => {
                     tracing::warn!(pool = %io.pool(), image = %image, "removed an unfinished import")
                 }
@@ -253,9 +258,11 @@ impl Ceph {
                 .control()?
                 .ioctx(&self.pool)
                 .map_err(|e| cluster_err(&format!("pool {}", self.pool), e))?;
-            let mut names: Vec<String> = io
+            let images = io
                 .list_images()
-                .map_err(|e| cluster_err(&format!("listing pool {}", self.pool), e))?
+                .map_err(|e| cluster_err(&format!("listing pool {}", self.pool), e))?;
+            self.remove_stale_in(&io, &images);
+            let mut names: Vec<String> = images
                 .into_iter()
                 .filter_map(|i| i.strip_prefix(IMAGE_PREFIX).map(str::to_owned))
                 .filter(|n| super::valid_name(n))
