@@ -539,13 +539,7 @@ fn an_image_swapped_for_another_volumes_is_refused() {
     // it trusts the first it sees and refuses the other.
     let mut b = host(&mc, CLIENT_B);
     std::fs::copy(a.state.join("root.key"), b.state.join("root.key")).unwrap();
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(a.state.join("kms"))
-        .arg(b.state.join("kms"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    hosts::copy_kms(&a, &b);
     b.start();
     let l = b.json(&["volume", "list"]);
     let refused: Vec<&str> = ["v", "w"]

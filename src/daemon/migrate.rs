@@ -52,19 +52,8 @@ pub fn migrate_key_records(cfg: &Config) -> Result<serde_json::Value, String> {
             cfg.path.display()
         ));
     };
-    let lock_path = cfg.state_dir.join("lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
-        return Err(format!(
-            "state dir {} is in use by a running cryptvol daemon: stop it first",
-            cfg.state_dir.display()
-        ));
-    }
+    let _lock =
+        super::run::lock_state_dir(&cfg.state_dir).map_err(|e| format!("{e}: stop it first"))?;
     let kms_dir = cfg.state_dir.join("kms");
     let sealing: PathBuf = cfg
         .sealing_key_file

@@ -33,15 +33,21 @@ pub fn two_hosts(mc: &MicroCeph, op_timeout_secs: u64) -> (Env, Env) {
     std::fs::copy(a.state.join("root.key"), b.state.join("root.key")).unwrap();
     a.start();
     a.json(&["key", "create", "--alias", "k"]);
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(a.state.join("kms"))
-        .arg(b.state.join("kms"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "copy A's kms/ to B");
+    copy_kms(&a, &b);
     b.start();
     (a, b)
+}
+
+/// Copies `from`'s local key store (`kms/`) to `to` (not running): `to` then knows every
+/// key `from` has now.
+pub fn copy_kms(from: &Env, to: &Env) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from.state.join("kms"))
+        .arg(to.state.join("kms"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "copy kms/");
 }
 
 /// The entry of volume `name` in a `volume list --json`.
