@@ -101,3 +101,50 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{MemRecords, open, shared};
+    use super::*;
+
+    #[test]
+    fn merged_keys_unwrap_from_the_shared_records_once_and_conflicts_change_nothing() {
+        let ctx = EncryptionContext::default();
+        let (dl, ds) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut local = open(dl.path()).unwrap();
+        let k = local.create("k", "", 0).unwrap();
+        local.add_version(k.key_id).unwrap();
+        let (_, v, blob) = local.wrap("k", b"0123456789abcdef", &ctx).unwrap();
+        assert_eq!(v, 2);
+        let r = Arc::new(MemRecords::default());
+        let mut s = shared(ds.path(), &r);
+        let m = s.merge_local(&local).unwrap();
+        assert_eq!((m.added.len(), m.present.len()), (1, 0));
+        // Material sealed again: the shared records unwrap what the local store wrapped.
+        let (id, _, plain) = s.unwrap(&blob, &ctx).unwrap();
+        assert_eq!((id, plain.expose()), (k.key_id, &b"0123456789abcdef"[..]));
+        // Again: already there, nothing written.
+        let before = r.load().unwrap().unwrap().version;
+        let m = s.merge_local(&local).unwrap();
+        assert_eq!((m.added.len(), m.present.len()), (0, 1));
+        assert_eq!(r.load().unwrap().unwrap().version, before);
+        // Another local store with alias k (another key) and a new key: refused, nothing added.
+        let d2 = tempfile::tempdir().unwrap();
+        let mut other = open(d2.path()).unwrap();
+        other.create("new", "", 0).unwrap();
+        other.create("k", "", 0).unwrap();
+        let e = s.merge_local(&other).err().unwrap();
+        assert!(matches!(e, KmsError::AliasExists(_)), "{e}");
+        assert_eq!(r.load().unwrap().unwrap().version, before);
+        assert!(s.find("new").is_err());
+        // The same key id under another alias: refused too.
+        let k2 = s.find("k").unwrap().key_id;
+        s.update(k2, |rec| {
+            rec.alias = "renamed".into();
+            Ok(())
+        })
+        .unwrap();
+        let e = s.merge_local(&local).err().unwrap();
+        assert!(matches!(e, KmsError::StoreState(_)), "{e}");
+    }
+}
