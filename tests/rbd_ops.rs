@@ -170,6 +170,7 @@ fn a_reattach_waiting_for_the_cluster_holds_up_no_other_operation() {
         begun > e
     });
     // ...while file volumes are created, attached, listed, served, detached.
+    let t = Instant::now();
     a.json(&["volume", "create", "g", "--size", "4M", "--key", "k"]);
     a.json(&["volume", "attach", "g"]);
     let o = qemu_io(&a.uri("g"), &["write -P 5 0 64k", "read -P 5 0 64k"]);
@@ -184,6 +185,10 @@ fn a_reattach_waiting_for_the_cluster_holds_up_no_other_operation() {
         "{l}"
     );
     a.json(&["volume", "detach", "g"]);
+    eprintln!(
+        "create, attach, I/O, list, detach of a file volume during a re-attach attempt: {:?}",
+        t.elapsed()
+    );
     assert_eq!(
         attempts(&a).1,
         ended,
