@@ -209,8 +209,10 @@ impl Ceph {
                 Ok(()) => {
                     tracing::warn!(pool = %io.pool(), image = %image, "removed an unfinished import")
                 }
+                // Removed by another sweep of this daemon meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => {
-                    tracing::warn!(pool = %io.pool(), image = %image, error = %e, "cannot remove an unfinished import")
+                    tracing::warn!(pool = %io.pool(), image = %image, error = %e, "cannot remove an unfinished import (tried again on the next volume list)")
                 }
             }
         }
