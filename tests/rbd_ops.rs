@@ -199,6 +199,50 @@ fn a_reattach_waiting_for_the_cluster_holds_up_no_other_operation() {
     // Detached by hand meanwhile: the thread stops trying, and the thaw does not bring it
     // back; attached by hand it serves.
     a.json(&["volume", "detach", "r"]);
+
+    // An attach by hand waiting for the cluster holds up nothing either. (Right after a
+    // failure it is refused at once, until the next probe is due: tried again then.)
+    let probes = |h: &Env| {
+        h.log()
+            .matches("the cluster was unreachable: connecting again")
+            .count()
+    };
+    loop {
+        let before = probes(&a);
+        let mut attach = std::process::Command::new(common::BIN)
+            .arg("--config")
+            .arg(&a.cfg)
+            .args(["volume", "attach", "r"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut done = None;
+        wait_until("the attach connecting, or refused", || {
+            done = attach.try_wait().unwrap();
+            done.is_some() || probes(&a) > before
+        });
+        if let Some(st) = done {
+            let err = common::stderr_of(&mut attach);
+            assert!(
+                !st.success() && err.contains("cluster unreachable"),
+                "{err}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        a.json(&["volume", "create", "h", "--size", "4M", "--key", "k"]);
+        a.json(&["volume", "attach", "h"]);
+        a.json(&["volume", "list"]);
+        assert!(
+            attach.try_wait().unwrap().is_none(),
+            "the file volume operations waited for the attach:\n{}",
+            a.log()
+        );
+        let st = attach.wait().unwrap();
+        assert!(!st.success(), "attached on a frozen cluster");
+        break;
+    }
     mc.thaw();
     wait_until("the last attempt ends", || {
         let (begun, e) = attempts(&a);

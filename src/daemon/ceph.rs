@@ -145,6 +145,9 @@ impl Ceph {
     /// A new session, unless the cluster is known unreachable (`reach.rs`).
     fn connect(&self) -> Result<Cluster, DaemonError> {
         let pass = self.reach.pass().map_err(DaemonError::Cluster)?;
+        if pass.is_probe() {
+            tracing::info!("the cluster was unreachable: connecting again");
+        }
         let r = Cluster::connect(&self.cfg);
         pass.done(&r);
         r.map_err(|e| cluster_err("cluster", e))

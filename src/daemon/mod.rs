@@ -1054,11 +1054,19 @@ impl Daemon {
                 "--takeover is for read-write attaches (a read-only attach takes no lock)".into(),
             ));
         }
+        // An RBD image is opened before the ops lock (`retry.rs`); a takeover is not (it
+        // breaks a lock: decided under the ops lock only).
+        let pre = if takeover {
+            None
+        } else {
+            self.open_before_lock(name, read_only)
+        };
         let _g = self.lock_ops();
         if name.contains('@') {
             self.attach_snapshot_locked(c, name, read_only)?;
         } else {
-            self.attach_locked(c, name, read_only, takeover)?;
+            let pre = self.still_placed(name, pre);
+            self.attach_opened(c, name, read_only, takeover, pre)?;
         }
         self.info_locked(name)
     }

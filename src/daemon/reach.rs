@@ -80,6 +80,11 @@ impl Reach {
 }
 
 impl Pass<'_> {
+    /// This caller tries a cluster that failed the last time.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// Records the connect's outcome: a failure closes the gate, a success opens it.
     pub fn done<T, E: std::fmt::Display>(mut self, r: &Result<T, E>) {
         let mut s = self.reach.state();

@@ -36,6 +36,40 @@ impl Daemon {
         }
     }
 
+    /// For an attach: RBD volume NAME's image opened (and, read-write, locked) without the ops
+    /// lock, with its pool; `None` when it is not an RBD volume, is attached or being
+    /// imported, or the open failed: the attach then opens under the lock as it always did,
+    /// deciding with the state as it is then (a conflict with a concurrent attach here, a
+    /// cluster error the gate now answers at once).
+    pub(super) fn open_before_lock(
+        &self,
+        name: &str,
+        read_only: bool,
+    ) -> Option<(String, super::ceph::Opened)> {
+        if name.contains('@') || self.exports.get(name).is_some() || self.is_importing(name) {
+            return None;
+        }
+        let Ok(Loc::Rbd(pool)) = self.locate(name) else {
+            return None;
+        };
+        let o = self
+            .ceph()
+            .and_then(|c| c.open_for_attach(&pool, name, read_only, false))
+            .ok()?;
+        Some((pool, o))
+    }
+
+    /// Under the ops lock: the image opened before it, if NAME still lives in that pool
+    /// (else it is closed again).
+    pub(super) fn still_placed(
+        &self,
+        name: &str,
+        pre: Option<(String, super::ceph::Opened)>,
+    ) -> Option<super::ceph::Opened> {
+        let (pool, o) = pre?;
+        matches!(self.locate(name), Ok(Loc::Rbd(p)) if p == pool).then_some(o)
+    }
+
     /// Still to be re-attached by this thread: failed at start-up (and not since attached,
     /// detached or deleted: each clears `failed`), still wanted as `read_only`, not attached.
     fn retry_wanted(&self, name: &str, read_only: bool) -> bool {
