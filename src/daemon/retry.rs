@@ -4,6 +4,10 @@
 //! exists, tries each again every [`RETRY_EVERY`] until it is attached, or fails for a reason
 //! a retry cannot fix (held by another host, key refused: it stays failed until an explicit
 //! `volume attach`), or is no longer wanted (detached, deleted, or attached by hand).
+//!
+//! Here too: opening an RBD image for an attach before the daemon's ops lock (the part that
+//! waits for the cluster), for this thread and for a user's `volume attach`, so that no
+//! other volume operation waits out a connect timeout behind it.
 
 use std::sync::Arc;
 use std::time::Duration;
