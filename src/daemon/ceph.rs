@@ -16,7 +16,7 @@
 //!   being this daemon's id (`state.rs`, one per state dir: two live daemons never share
 //!   it). A crash mid-import leaves one; this daemon removes its own (never another
 //!   daemon's, never one of an import running here) whenever its control session connects,
-//!   and before every import into a pool.
+//!   on every `volume list`, and before every import into a pool.
 //! - **Unreachable cluster**: every new session passes the gate of `reach.rs`, so callers
 //!   fail at once while one probe waits out the connect timeout.
 
@@ -85,7 +85,7 @@ impl Drop for Building {
         if let Some(io) = self.io.take()
             && let Err(e) = io.remove_image(&self.temp)
         {
-            tracing::error!(image = %self.temp, error = %e, "could not remove an unfinished import (removed at the next start)");
+            tracing::error!(image = %self.temp, error = %e, "could not remove an unfinished import (tried again on the next volume list)");
         }
         self.live
             .lock()
