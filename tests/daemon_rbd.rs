@@ -8,8 +8,9 @@
 
 mod ceph_support;
 mod common;
+#[path = "ceph_support/hosts.rs"]
+mod hosts;
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,44 +18,18 @@ use std::time::{Duration, Instant};
 
 use ceph_support::{CLIENT_A, CLIENT_B, MicroCeph};
 use common::{Env, qemu_io};
+use hosts::volume;
 
 const MIB: usize = 1 << 20;
 
 /// A daemon configured for the cluster as `client` (5 s operation timeout).
 fn host(mc: &MicroCeph, client: &str) -> Env {
-    let conf = mc.conf().to_owned();
-    let keyring = mc.keyring(client);
-    Env::with_config(|_| {
-        format!(
-            "[ceph]\nconf = \"{}\"\nclient = \"{client}\"\nkeyring = \"{}\"\npool = \"rbd\"\nop_timeout_secs = 5\n",
-            conf.display(),
-            keyring.display()
-        )
-    })
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    hosts::host(mc, client, 5, "")
 }
 
 /// Hosts A and B (started), one root key, and key `k` made on A and known to B.
 fn two_hosts(mc: &MicroCeph) -> (Env, Env) {
-    let mut a = host(mc, CLIENT_A);
-    let mut b = host(mc, CLIENT_B);
-    std::fs::copy(a.state.join("root.key"), b.state.join("root.key")).unwrap();
-    a.start();
-    a.json(&["key", "create", "--alias", "k"]);
-    // With the default (local) key store B gets a copy of A's as it is after the create;
-    // `[kms] store = "rados"` shares the records instead (tests/kms_rados.rs).
-    copy_dir(&a.state.join("kms"), &b.state.join("kms"));
-    b.start();
-    (a, b)
+    hosts::two_hosts(mc, 5)
 }
 
 fn ok(o: &std::process::Output, what: &str) -> String {
@@ -76,15 +51,6 @@ fn nbd_read(uri: &str) -> Vec<u8> {
         String::from_utf8_lossy(&o.stderr)
     );
     o.stdout
-}
-
-fn volume<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    list["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not listed: {list}"))
 }
 
 /// `rbd export` of volume `name`, data units `first..first+n` decrypted by Python with the
@@ -573,7 +539,7 @@ fn an_image_swapped_for_another_volumes_is_refused() {
     // it trusts the first it sees and refuses the other.
     let mut b = host(&mc, CLIENT_B);
     std::fs::copy(a.state.join("root.key"), b.state.join("root.key")).unwrap();
-    copy_dir(&a.state.join("kms"), &b.state.join("kms"));
+    hosts::copy_kms(&a, &b);
     b.start();
     let l = b.json(&["volume", "list"]);
     let refused: Vec<&str> = ["v", "w"]

@@ -11,12 +11,15 @@
 
 mod ceph_support;
 mod common;
+#[path = "ceph_support/hosts.rs"]
+mod hosts;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use ceph_support::{CLIENT_A, MicroCeph};
 use common::Env;
+use hosts::volume;
 
 /// The daemon's `[ceph] op_timeout_secs`.
 const OP_TIMEOUT_SECS: u64 = 3;
@@ -24,15 +27,7 @@ const OP_TIMEOUT_SECS: u64 = 3;
 const HANG_SECS: u64 = 60;
 
 fn host(mc: &MicroCeph) -> Env {
-    let conf = mc.conf().to_owned();
-    let keyring = mc.keyring(CLIENT_A);
-    Env::with_config(|_| {
-        format!(
-            "[ceph]\nconf = \"{}\"\nclient = \"{CLIENT_A}\"\nkeyring = \"{}\"\npool = \"rbd\"\nop_timeout_secs = {OP_TIMEOUT_SECS}\n",
-            conf.display(),
-            keyring.display()
-        )
-    })
+    hosts::host(mc, CLIENT_A, OP_TIMEOUT_SECS, "")
 }
 
 fn text(o: &Output) -> String {
@@ -87,15 +82,6 @@ fn list(h: &Env) -> serde_json::Value {
     assert!(o.status.success(), "volume list: {}", text(&o));
     eprintln!("volume list answered in {:?}", t.elapsed());
     serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn volume<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    list["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not listed: {list}"))
 }
 
 #[test]

@@ -113,6 +113,11 @@ enum KeyCmd {
         #[arg(long)]
         keep_file_material: bool,
     },
+    /// After switching to [kms] store = "rados": move this host's local key records
+    /// (keys.json) into the shared records, then destroy the local store. Runs with the
+    /// daemon stopped (needs --config); idempotent; an alias or key id the shared records
+    /// hold differently is refused and nothing is moved.
+    MigrateRecords,
 }
 
 #[derive(Args)]
@@ -452,6 +457,23 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow!(e))
         }
         Cmd::Bench(args) => crate::bench::run(args.clone(), cli.json).map_err(|e| anyhow!(e)),
+        Cmd::Key(KeyCmd::MigrateRecords) => {
+            let path = cli
+                .config
+                .as_ref()
+                .ok_or_else(|| anyhow!("key migrate-records needs --config FILE"))?;
+            let cfg = Config::load(path)?;
+            let v = crate::daemon::migrate::migrate_key_records(&cfg).map_err(|e| anyhow!(e))?;
+            output::print(cli.json, &v, |v| {
+                format!(
+                    "{} key(s) moved into {}, {} already there; the local key store is removed",
+                    v["added"].as_array().map_or(0, Vec::len),
+                    output::s(&v["records"]),
+                    v["already_present"].as_array().map_or(0, Vec::len)
+                )
+            });
+            Ok(())
+        }
         Cmd::Audit(AuditCmd::Verify { offline: true }) => {
             audit::verify_offline(cli.config.as_deref(), cli.json)
         }
@@ -495,6 +517,7 @@ async fn client_command(cli: &Cli, sock: &Path) -> Result<()> {
                     .await?
                 }
                 KeyCmd::List => kms(sock, "list-keys", json!({})).await?,
+                KeyCmd::MigrateRecords => unreachable!("handled in run"),
                 KeyCmd::Describe { key } => {
                     kms(sock, "describe-key", json!({"key_id": key})).await?
                 }

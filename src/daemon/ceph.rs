@@ -12,7 +12,15 @@
 //!   one attachment, not the host's other volumes nor its control session.
 //! - **Holder label.** A lock is recorded with `CLIENT@HOSTNAME` (the cephx user and this
 //!   host's name), which another host's refusal and `volume list` show.
+//! - **Imports** are built in `cryptvol-tmp.INSTANCE.NAME.RANDOM` ([`TEMP_PREFIX`]), INSTANCE
+//!   being this daemon's id (`state.rs`, one per state dir: two live daemons never share
+//!   it). A crash mid-import leaves one; this daemon removes its own (never another
+//!   daemon's, never one of an import running here) whenever its control session connects,
+//!   on every `volume list`, and before every import into a pool.
+//! - **Unreachable cluster**: every new session passes the gate of `reach.rs`, so callers
+//!   fail at once while one probe waits out the connect timeout.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use crate::config::CephConfig;
@@ -20,6 +28,7 @@ use crate::volume::rbd::{Cluster, ClusterConfig, Image, LockError, LockOwner, Rb
 use crate::volume::{BlockStore, Volume, VolumeHeader};
 
 use super::DaemonError;
+use super::reach::Reach;
 
 /// Image name prefix: volume `NAME` is image `cryptvol.NAME`.
 pub const IMAGE_PREFIX: &str = "cryptvol.";
@@ -28,11 +37,19 @@ pub fn image_name(name: &str) -> String {
     format!("{IMAGE_PREFIX}{name}")
 }
 
+/// Prefix of the images imports are built in (never listed as volumes).
+pub const TEMP_PREFIX: &str = "cryptvol-tmp.";
+
 pub struct Ceph {
     cfg: ClusterConfig,
     pool: String,
     label: String,
+    /// This daemon's id in temporary image names.
+    instance: String,
     control: Mutex<Option<Cluster>>,
+    reach: Reach,
+    /// Temporary images of the imports running in this process (not stale).
+    building: Arc<Mutex<BTreeSet<String>>>,
 }
 
 fn cluster_err(what: &str, e: impl std::fmt::Display) -> DaemonError {
@@ -52,6 +69,7 @@ pub struct Building {
     store: Option<Arc<RbdStore>>,
     io: Option<crate::volume::rbd::IoCtx>,
     temp: String,
+    live: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Building {
@@ -67,9 +85,24 @@ impl Drop for Building {
         if let Some(io) = self.io.take()
             && let Err(e) = io.remove_image(&self.temp)
         {
-            tracing::error!(image = %self.temp, error = %e, "could not remove an unfinished import; remove it with `rbd rm`");
+            tracing::error!(image = %self.temp, error = %e, "could not remove an unfinished import (tried again on the next volume list)");
         }
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.temp);
     }
+}
+
+/// An image opened for an attach: the part that waits for the cluster, done before the
+/// daemon's ops lock is taken (`retry.rs`). Dropped unused, it closes (releasing any lock).
+pub struct Opened {
+    pub store: Arc<dyn BlockStore>,
+    /// Read-write: releases the exclusive lock (detach).
+    pub release: Option<Box<dyn Fn() -> std::io::Result<()> + Send + Sync>>,
+    /// Read-write: this session's address (what lock holders are named by).
+    pub address: Option<String>,
+    pub took_over_from: Option<String>,
 }
 
 /// A read-write attachment's store: the image open in a session of its own, locked.
@@ -93,7 +126,7 @@ fn hostname() -> String {
 
 impl Ceph {
     /// Nothing is connected yet: a cluster down at start does not stop the daemon.
-    pub fn new(c: &CephConfig) -> Ceph {
+    pub fn new(c: &CephConfig, instance: &str) -> Ceph {
         let mut cfg = ClusterConfig::new(&c.conf, c.client.clone());
         cfg.keyring = c.keyring.clone();
         cfg.op_timeout = c.op_timeout;
@@ -102,8 +135,22 @@ impl Ceph {
             label: format!("{}@{}", c.client, hostname()),
             cfg,
             pool: c.pool.clone(),
+            instance: instance.to_owned(),
             control: Mutex::new(None),
+            reach: Reach::default(),
+            building: Arc::default(),
         }
+    }
+
+    /// A new session, unless the cluster is known unreachable (`reach.rs`).
+    fn connect(&self) -> Result<Cluster, DaemonError> {
+        let pass = self.reach.pass().map_err(DaemonError::Cluster)?;
+        if pass.is_probe() {
+            tracing::info!("the cluster was unreachable: connecting again");
+        }
+        let r = Cluster::connect(&self.cfg);
+        pass.done(&r);
+        r.map_err(|e| cluster_err("cluster", e))
     }
 
     /// The configured pool (new volumes, `volume list`).
@@ -111,16 +158,93 @@ impl Ceph {
         &self.pool
     }
 
-    /// The control session, connecting (again) if there is none.
+    /// The control session, connecting (again) if there is none; a new one first removes
+    /// this daemon's stale import images from the configured pool.
     pub fn control(&self) -> Result<Cluster, DaemonError> {
-        let mut g = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = g.as_ref() {
+        if let Some(c) = self
+            .control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             return Ok(c.clone());
         }
-        let c = Cluster::connect(&self.cfg).map_err(|e| cluster_err("cluster", e))?;
+        // Not under the mutex: a caller that finds the cluster down fails at once.
+        let c = self.connect()?;
         tracing::info!(client = %self.cfg.client, "connected to the Ceph cluster");
-        *g = Some(c.clone());
+        let c = {
+            let mut g = self.control.lock().unwrap_or_else(|e| e.into_inner());
+            g.get_or_insert(c).clone()
+        };
+        if let Ok(io) = c.ioctx(&self.pool) {
+            self.remove_stale_imports(&io);
+        }
         Ok(c)
+    }
+
+    /// Removes the temporary images of this daemon's imports that are not running (a crash
+    /// or kill mid-import left them). Other daemons' images are never touched: theirs may
+    /// be imports in progress.
+    fn remove_stale_imports(&self, io: &crate::volume::rbd::IoCtx) {
+        match io.list_images() {
+            Ok(v) => self.remove_stale_in(io, &v),
+            Err(e) => {
+                tracing::warn!(pool = %io.pool(), error = %e, "cannot list the pool for unfinished imports");
+            }
+        }
+    }
+
+    /// [`Ceph::remove_stale_imports`] over a listing already made (`volume list` passes its
+    /// own: an image the cluster still refuses to remove, its crashed opener's watch not yet
+    /// timed out, goes on a later listing).
+    fn remove_stale_in(&self, io: &crate::volume::rbd::IoCtx, images: &[String]) {
+        let mine = format!("{TEMP_PREFIX}{}.", self.instance);
+        for image in images.iter().filter(|i| i.starts_with(&mine)) {
+            if self
+                .building
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(image)
+            {
+                continue;
+            }
+            match io.remove_image(image) {
+                Ok(()) => {
+                    tracing::warn!(pool = %io.pool(), image = %image, "removed an unfinished import")
+                }
+                // Removed by another sweep of this daemon meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    tracing::warn!(pool = %io.pool(), image = %image, error = %e, "cannot remove an unfinished import (tried again on the next volume list)")
+                }
+            }
+        }
+    }
+
+    /// Opens volume `name` for an attach: read-only in the control session, or read-write
+    /// locked in a session of its own ([`Ceph::open_locked`]).
+    pub fn open_for_attach(
+        &self,
+        pool: &str,
+        name: &str,
+        read_only: bool,
+        takeover: bool,
+    ) -> Result<Opened, DaemonError> {
+        if read_only {
+            return Ok(Opened {
+                store: self.open_read_only(pool, name)?,
+                release: None,
+                address: None,
+                took_over_from: None,
+            });
+        }
+        let l = self.open_locked(pool, name, takeover)?;
+        Ok(Opened {
+            store: l.store,
+            release: Some(l.release),
+            address: Some(l.address),
+            took_over_from: l.took_over_from,
+        })
     }
 
     /// Forgets the control session after a failure that may be the session's (the next call
@@ -139,9 +263,11 @@ impl Ceph {
                 .control()?
                 .ioctx(&self.pool)
                 .map_err(|e| cluster_err(&format!("pool {}", self.pool), e))?;
-            let mut names: Vec<String> = io
+            let images = io
                 .list_images()
-                .map_err(|e| cluster_err(&format!("listing pool {}", self.pool), e))?
+                .map_err(|e| cluster_err(&format!("listing pool {}", self.pool), e))?;
+            self.remove_stale_in(&io, &images);
+            let mut names: Vec<String> = images
                 .into_iter()
                 .filter_map(|i| i.strip_prefix(IMAGE_PREFIX).map(str::to_owned))
                 .filter(|n| super::valid_name(n))
@@ -205,7 +331,7 @@ impl Ceph {
         name: &str,
         takeover: bool,
     ) -> Result<Locked, DaemonError> {
-        let cluster = Cluster::connect(&self.cfg).map_err(|e| cluster_err("cluster", e))?;
+        let cluster = self.connect()?;
         let io = cluster
             .ioctx(pool)
             .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
@@ -246,7 +372,7 @@ impl Ceph {
     /// Creates the image of a new volume and writes its header (in a session of its own).
     /// On failure the image is removed again.
     pub fn create(&self, pool: &str, name: &str, h: &VolumeHeader) -> Result<(), DaemonError> {
-        let cluster = Cluster::connect(&self.cfg).map_err(|e| cluster_err("cluster", e))?;
+        let cluster = self.connect()?;
         let io = cluster
             .ioctx(pool)
             .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
@@ -295,17 +421,35 @@ impl Ceph {
         name: &str,
         h: &VolumeHeader,
     ) -> Result<Building, DaemonError> {
-        let temp = format!("cryptvol-tmp.{name}.{}", uuid::Uuid::new_v4().simple());
-        let cluster = Cluster::connect(&self.cfg).map_err(|e| cluster_err("cluster", e))?;
+        let temp = format!(
+            "{TEMP_PREFIX}{}.{name}.{}",
+            self.instance,
+            uuid::Uuid::new_v4().simple()
+        );
+        let cluster = self.connect()?;
         let io = cluster
             .ioctx(pool)
             .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
+        self.remove_stale_imports(&io);
+        // Registered before the image exists: a sweep running meanwhile leaves it alone.
+        self.building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(temp.clone());
+        let forget = |temp: &str| {
+            self.building
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(temp);
+        };
         let end = h
             .data_offset
             .checked_add(h.size)
             .ok_or_else(|| DaemonError::Invalid("size too large".into()))?;
-        io.create_image(&temp, end, None)
-            .map_err(|e| cluster_err(&format!("creating image {pool}/{temp}"), e))?;
+        if let Err(e) = io.create_image(&temp, end, None) {
+            forget(&temp);
+            return Err(cluster_err(&format!("creating image {pool}/{temp}"), e));
+        }
         let b = io
             .open(&temp)
             .map_err(|e| cluster_err(&format!("opening image {pool}/{temp}"), e))
@@ -320,9 +464,11 @@ impl Ceph {
                 store: Some(store),
                 io: Some(io),
                 temp,
+                live: self.building.clone(),
             }),
             Err(e) => {
                 let _ = io.remove_image(&temp);
+                forget(&temp);
                 Err(e)
             }
         }
@@ -344,6 +490,10 @@ impl Ceph {
         if r.is_err() {
             let _ = io.remove_image(&temp);
         }
+        self.building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&temp);
         r
     }
 

@@ -29,6 +29,16 @@ impl Building {
     }
 }
 
+pub struct Opened {
+    pub store: Arc<dyn BlockStore>,
+    pub release: Option<Box<dyn Fn() -> std::io::Result<()> + Send + Sync>>,
+    pub address: Option<String>,
+    pub took_over_from: Option<String>,
+}
+
+// Same fields as ceph.rs's; only `store` is read outside it (the attach reads the rest
+// through `Opened`).
+#[allow(dead_code)]
 pub struct Locked {
     pub store: Arc<dyn BlockStore>,
     pub release: Box<dyn Fn() -> std::io::Result<()> + Send + Sync>,
@@ -41,7 +51,7 @@ fn off() -> DaemonError {
 }
 
 impl Ceph {
-    pub fn new(c: &CephConfig) -> Ceph {
+    pub fn new(c: &CephConfig, _instance: &str) -> Ceph {
         Ceph {
             pool: c.pool.clone(),
         }
@@ -55,7 +65,13 @@ impl Ceph {
     pub fn peek(&self, _: &str, _: &str) -> Result<Peek, DaemonError> {
         Err(off())
     }
-    pub fn open_read_only(&self, _: &str, _: &str) -> Result<Arc<dyn BlockStore>, DaemonError> {
+    pub fn open_for_attach(
+        &self,
+        _: &str,
+        _: &str,
+        _: bool,
+        _: bool,
+    ) -> Result<Opened, DaemonError> {
         Err(off())
     }
     pub fn open_locked(&self, _: &str, _: &str, _: bool) -> Result<Locked, DaemonError> {

@@ -12,7 +12,10 @@ mod ceph;
 pub mod ceph_kms;
 pub mod exports;
 mod metrics;
+pub mod migrate;
 mod qos;
+#[cfg(feature = "rbd")]
+mod reach;
 mod reencrypt;
 mod retry;
 mod run;
@@ -345,6 +348,14 @@ impl Daemon {
                 std::fs::remove_file(e.path())?;
             }
         }
+        let instance = match ceph_cfg {
+            Some(_) => {
+                let id = state::instance_id(state_dir)?;
+                tracing::info!(instance = %id, "RBD imports are built in cryptvol-tmp.{id}.* images");
+                id
+            }
+            None => String::new(),
+        };
         let fresh_registry = Registry::load(state_dir)?;
         let migrate = fresh_registry.is_none();
         let d = Daemon {
@@ -356,7 +367,7 @@ impl Daemon {
             failed: std::sync::Mutex::new(BTreeMap::new()),
             registry: std::sync::Mutex::new(fresh_registry.unwrap_or_default()),
             importing: std::sync::Mutex::new(BTreeSet::new()),
-            ceph: ceph_cfg.map(ceph::Ceph::new),
+            ceph: ceph_cfg.map(|c| ceph::Ceph::new(c, &instance)),
             default_store,
             fenced: std::sync::Mutex::new(BTreeMap::new()),
             fence_tx: std::sync::Mutex::new(fence_tx),
@@ -1043,11 +1054,19 @@ impl Daemon {
                 "--takeover is for read-write attaches (a read-only attach takes no lock)".into(),
             ));
         }
+        // An RBD image is opened before the ops lock (`retry.rs`); a takeover is not (it
+        // breaks a lock: decided under the ops lock only).
+        let pre = if takeover {
+            None
+        } else {
+            self.open_before_lock(name, read_only)
+        };
         let _g = self.lock_ops();
         if name.contains('@') {
             self.attach_snapshot_locked(c, name, read_only)?;
         } else {
-            self.attach_locked(c, name, read_only, takeover)?;
+            let pre = self.still_placed(name, pre);
+            self.attach_opened(c, name, read_only, takeover, pre)?;
         }
         self.info_locked(name)
     }
@@ -1058,6 +1077,19 @@ impl Daemon {
         name: &str,
         read_only: bool,
         takeover: bool,
+    ) -> Result<(), DaemonError> {
+        self.attach_opened(c, name, read_only, takeover, None)
+    }
+
+    /// attach, with an RBD image already opened for it (`opened`: the re-attach thread opens
+    /// it before taking the ops lock) or opened here.
+    fn attach_opened(
+        &self,
+        c: &Caller,
+        name: &str,
+        read_only: bool,
+        takeover: bool,
+        opened: Option<ceph::Opened>,
     ) -> Result<(), DaemonError> {
         let loc = self.locate(name)?;
         if let Some(a) = self.exports.get(name) {
@@ -1091,15 +1123,14 @@ impl Daemon {
                 let ceph = self.ceph()?;
                 // Read-write: the lock first, then the header, read through the locked
                 // session (what this host will write over is what it checked).
-                let (store, release, address) = if read_only {
-                    (ceph.open_read_only(pool, name)?, None, None)
-                } else {
-                    let l = ceph.open_locked(pool, name, takeover)?;
-                    if let Some(old) = &l.took_over_from {
-                        tracing::warn!(volume = name, from = %old, "took the volume over");
-                    }
-                    (l.store, Some(l.release), Some(l.address))
+                let o = match opened {
+                    Some(o) => o,
+                    None => ceph.open_for_attach(pool, name, read_only, takeover)?,
                 };
+                if let Some(old) = &o.took_over_from {
+                    tracing::warn!(volume = name, from = %old, "took the volume over");
+                }
+                let (store, release, address) = (o.store, o.release, o.address);
                 let h = Volume::read_header_in(store.as_ref()).map_err(Self::vol_err(name))?;
                 self.check_trusted(name, &loc, &h)?;
                 let (old, new) = self.volume_keys(c, name, &h)?;
@@ -1176,7 +1207,23 @@ impl Daemon {
             self.existing_or_missing(name)?;
         }
         let Some(a) = self.exports.get(name) else {
-            return self.info_locked(name); // already detached: idempotent
+            // Already detached: idempotent. One that failed to re-attach is no longer wanted
+            // (the re-attach thread stops trying).
+            let mut st = self.attach_state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.entries().iter().any(|(n, _)| n == name) {
+                st.set(name, None);
+                st.save(&self.state_dir)?;
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(name);
+                tracing::info!(volume = name, "detached (was not re-attached)");
+            }
+            drop(st);
+            return match self.info_locked(name) {
+                Err(e @ DaemonError::Cluster(_)) => Ok(self.failed_info(name, &e)),
+                r => r,
+            };
         };
         let clients = a.clients.load(Ordering::SeqCst);
         if clients > 0 && !force {

@@ -4,11 +4,15 @@
 //! exists, tries each again every [`RETRY_EVERY`] until it is attached, or fails for a reason
 //! a retry cannot fix (held by another host, key refused: it stays failed until an explicit
 //! `volume attach`), or is no longer wanted (detached, deleted, or attached by hand).
+//!
+//! Here too: opening an RBD image for an attach before the daemon's ops lock (the part that
+//! waits for the cluster), for this thread and for a user's `volume attach`, so that no
+//! other volume operation waits out a connect timeout behind it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Caller, Daemon, DaemonError};
+use super::{Caller, Daemon, DaemonError, Loc};
 
 /// Pause between two rounds of attempts (each attempt waits at most the connect timeout).
 pub const RETRY_EVERY: Duration = Duration::from_secs(5);
@@ -36,9 +40,43 @@ impl Daemon {
         }
     }
 
-    /// One attempt; whether to try again later.
-    fn retry_one(&self, name: &str, read_only: bool) -> bool {
-        let _g = self.lock_ops();
+    /// For an attach: RBD volume NAME's image opened (and, read-write, locked) without the ops
+    /// lock, with its pool; `None` when it is not an RBD volume, is attached or being
+    /// imported, or the open failed: the attach then opens under the lock as it always did,
+    /// deciding with the state as it is then (a conflict with a concurrent attach here, a
+    /// cluster error the gate now answers at once).
+    pub(super) fn open_before_lock(
+        &self,
+        name: &str,
+        read_only: bool,
+    ) -> Option<(String, super::ceph::Opened)> {
+        if name.contains('@') || self.exports.get(name).is_some() || self.is_importing(name) {
+            return None;
+        }
+        let Ok(Loc::Rbd(pool)) = self.locate(name) else {
+            return None;
+        };
+        let o = self
+            .ceph()
+            .and_then(|c| c.open_for_attach(&pool, name, read_only, false))
+            .ok()?;
+        Some((pool, o))
+    }
+
+    /// Under the ops lock: the image opened before it, if NAME still lives in that pool
+    /// (else it is closed again).
+    pub(super) fn still_placed(
+        &self,
+        name: &str,
+        pre: Option<(String, super::ceph::Opened)>,
+    ) -> Option<super::ceph::Opened> {
+        let (pool, o) = pre?;
+        matches!(self.locate(name), Ok(Loc::Rbd(p)) if p == pool).then_some(o)
+    }
+
+    /// Still to be re-attached by this thread: failed at start-up (and not since attached,
+    /// detached or deleted: each clears `failed`), still wanted as `read_only`, not attached.
+    fn retry_wanted(&self, name: &str, read_only: bool) -> bool {
         let still_failed = self
             .failed
             .lock()
@@ -51,10 +89,40 @@ impl Daemon {
             .entries()
             .iter()
             .any(|(n, ro)| n == name && *ro == read_only);
-        if !still_failed || !wanted || self.exports.get(name).is_some() {
+        still_failed && wanted && self.exports.get(name).is_none()
+    }
+
+    /// One attempt; whether to try again later. The part that waits for the cluster
+    /// (connect, open, lock: up to the connect timeout while it is down) runs without the
+    /// ops lock, so every other volume operation goes on meanwhile; the lock is taken only
+    /// to install the result, after checking again that it is still wanted: a volume
+    /// detached, deleted, attached by hand (and maybe taken over and fenced since) is not
+    /// brought back, and the image opened for it is closed again (its lock released).
+    fn retry_one(&self, name: &str, read_only: bool) -> bool {
+        if !self.retry_wanted(name, read_only) {
             return false;
         }
-        match self.attach_locked(&Caller::DAEMON, name, read_only, false) {
+        let pool = match self.locate(name) {
+            Ok(Loc::Rbd(pool)) => pool,
+            // Not an RBD volume (any more): nothing the cluster's return fixes.
+            _ => return false,
+        };
+        tracing::info!(volume = name, "re-attach: trying the cluster again");
+        let opened = self
+            .ceph()
+            .and_then(|c| c.open_for_attach(&pool, name, read_only, false));
+        let g = self.lock_ops();
+        let still = self.retry_wanted(name, read_only)
+            && matches!(self.locate(name), Ok(Loc::Rbd(p)) if p == pool);
+        if !still {
+            drop(g);
+            drop(opened); // closed outside the lock
+            tracing::info!(volume = name, "re-attach dropped: no longer wanted");
+            return false;
+        }
+        let r = opened
+            .and_then(|o| self.attach_opened(&Caller::DAEMON, name, read_only, false, Some(o)));
+        match r {
             Ok(()) => {
                 tracing::info!(volume = name, "re-attached: the cluster is back");
                 false

@@ -105,28 +105,30 @@ pub struct Running {
     _lock: std::fs::File,
 }
 
+/// Takes the state dir's lock (held while the returned file is open): one daemon per state
+/// dir, and no offline command (`key migrate-records`) beside a running one.
+pub(super) fn lock_state_dir(dir: &Path) -> Result<std::fs::File, String> {
+    let lock_path = dir.join("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "state dir {} is in use by another cryptvol daemon",
+            dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", lock_path.display())),
+    }
+}
+
 impl Running {
     /// Opens the state and starts listening (READY=1 after this).
     pub async fn start(cfg: &Config) -> Result<Running, String> {
-        let lock_path = cfg.state_dir.join("lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(format!(
-                    "state dir {} is in use by another cryptvol daemon",
-                    cfg.state_dir.display()
-                ));
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(format!("{}: {e}", lock_path.display()));
-            }
-        }
+        let lock = lock_state_dir(&cfg.state_dir)?;
         let root = match &cfg.root_key {
             RootKeySource::File(p) => RootKey::load_file(p),
             RootKeySource::Credential(n) => RootKey::load_credential(n),
@@ -142,6 +144,7 @@ impl Running {
         let kms_dir = cfg.state_dir.join("kms");
         let kms = match (&cfg.kms_store, &cfg.ceph) {
             (crate::config::KmsStore::Rados, Some(c)) => {
+                super::migrate::refuse_unmigrated(cfg, &kms_dir)?;
                 let records = super::ceph_kms::records(c)?;
                 Kms::open_shared(&kms_dir, root, kcfg, hsm, records)
             }
@@ -492,7 +495,7 @@ mod anyhow_free {
 
 /// `[kms] custody = "pkcs11"`: loads the module, finds the token, checks AES-GCM and logs in;
 /// any failure is one line naming the config file, the key and the problem.
-fn open_custody(
+pub(super) fn open_custody(
     cfg: &crate::config::Config,
 ) -> Result<Option<Arc<dyn crate::kms::Custody>>, String> {
     use crate::config::{CustodyConfig, PinSource};

@@ -39,6 +39,25 @@ impl AttachState {
     }
 }
 
+const INSTANCE: &str = "instance.id";
+
+/// This daemon's id (16 hex digits, made once per state dir, `instance.id`): names the RBD
+/// images its imports are built in, so its clean-up after a crash can tell its own from
+/// another daemon's. Per state dir rather than per host name or `[kms] host_id`: two live
+/// daemons never share a state dir (its lock), where names can be shared by mistake.
+pub fn instance_id(dir: &Path) -> std::io::Result<String> {
+    let valid = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match std::fs::read_to_string(dir.join(INSTANCE)) {
+        Ok(s) if valid(s.trim()) => return Ok(s.trim().to_owned()),
+        Ok(_) => tracing::warn!(file = INSTANCE, "not an instance id: made anew"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    crate::kms::atomic_write(dir, INSTANCE, format!("{id}\n").as_bytes())?;
+    Ok(id)
+}
+
 const REGISTRY: &str = "volumes.json";
 
 /// What the daemon trusts about a volume it created (or adopted): the backing file of NAME

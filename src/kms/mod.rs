@@ -23,6 +23,11 @@ mod sealing;
 mod secret;
 mod store;
 pub use sealing::atomic_write;
+
+/// The sealing file's name in the key store dir (unless `[kms] sealing_key_file`).
+pub fn sealing_file_name() -> &'static str {
+    sealing::SEALING_FILE
+}
 pub mod wrap;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +43,7 @@ pub use secret::Secret;
 pub use wrap::EncryptionContext;
 
 use store::{KeyRecord, Store};
+pub use store::{Merged, local_key_count};
 
 /// Who asked (from the control socket's peer credentials); recorded in the audit log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -717,6 +723,53 @@ impl Kms {
             },
             None,
         )
+    }
+
+    /// Merges this host's local key records (`keys.json` in `local_dir`, sealed under the
+    /// sealing file `local_sealing`) into these shared records, audited (one record for the
+    /// merge, one per key added), then destroys the local store: `keys.json`, then its
+    /// sealing file (`store/migrate.rs`). Nothing to merge (no `keys.json`): a leftover
+    /// sealing file is removed. Refused on a local store.
+    pub fn migrate_local_records(
+        &self,
+        caller: &Caller,
+        local_dir: &Path,
+        local_sealing: &Path,
+        root: RootKey,
+    ) -> Result<Merged, KmsError> {
+        let keys_json = local_dir.join(records::KEYS_FILE);
+        let merged = if keys_json.exists() {
+            let local = Store::open(local_dir, root, local_sealing, None)?;
+            let merged = self.op(
+                caller,
+                "migrateKeyRecords",
+                None,
+                |g| Ok((g.store.merge_local(&local)?, None)),
+                None,
+            )?;
+            let mut g = self.lock();
+            for (id, _) in &merged.added {
+                let id = id.to_string();
+                let subject = audit::Subject {
+                    volume: None,
+                    key_id: Some(&id),
+                    key_version: None,
+                    context: None,
+                };
+                g.audit.append("migrateKeyRecord", subject, caller, "ok")?;
+            }
+            drop(g);
+            drop(local);
+            std::fs::remove_file(&keys_json)?;
+            merged
+        } else {
+            Merged::default()
+        };
+        match std::fs::remove_file(local_sealing) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        Ok(merged)
     }
 
     /// Destroys the material of keys whose deletion window has ended; returns their ids.

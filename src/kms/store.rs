@@ -50,6 +50,10 @@ use super::secret::Secret;
 use super::wrap::{self, EncryptionContext};
 use super::{KeyMetadata, KeyState, KmsError};
 
+#[path = "migrate.rs"]
+mod migrate;
+pub use migrate::{Merged, local_key_count};
+
 #[cfg(test)]
 const FILE: &str = super::records::KEYS_FILE;
 /// HKDF info of the shared records' sealing key (versioned: a new scheme gets a new label).
@@ -992,7 +996,7 @@ mod tests {
     use super::*;
     use crate::kms::sealing::SEALING_FILE;
 
-    fn root() -> RootKey {
+    pub(super) fn root() -> RootKey {
         RootKey::from_bytes([3; 32])
     }
 
@@ -1000,7 +1004,7 @@ mod tests {
         read_json(&dir.join(SEALING_FILE)).unwrap().unwrap()
     }
 
-    fn open(dir: &Path) -> Result<Store, KmsError> {
+    pub(super) fn open(dir: &Path) -> Result<Store, KmsError> {
         Store::open(dir, root(), &dir.join(SEALING_FILE), None)
     }
 
@@ -1094,7 +1098,7 @@ mod tests {
 
     /// Shared records in memory: the same compare-and-swap contract as the RADOS object.
     #[derive(Default)]
-    struct MemRecords(std::sync::Mutex<Option<(Vec<u8>, u64)>>);
+    pub(super) struct MemRecords(std::sync::Mutex<Option<(Vec<u8>, u64)>>);
 
     impl RecordStore for MemRecords {
         fn describe(&self) -> String {
@@ -1126,7 +1130,7 @@ mod tests {
         }
     }
 
-    fn shared(dir: &Path, r: &Arc<MemRecords>) -> Store {
+    pub(super) fn shared(dir: &Path, r: &Arc<MemRecords>) -> Store {
         let mut s = Store::open_shared(dir, root(), r.clone(), None).unwrap();
         s.refresh().unwrap();
         s

@@ -1,0 +1,61 @@
+//! Daemons as "hosts" of a [`MicroCeph`] cluster: each its own state dir, sockets and cephx
+//! user, configured for the cluster's conf and keyring. For the tests that also have
+//! `mod common;` (the daemon [`Env`]); include with `#[path = "ceph_support/hosts.rs"]`.
+#![allow(dead_code)]
+
+use std::process::Command;
+
+use super::ceph_support::{CLIENT_A, CLIENT_B, MicroCeph, POOL};
+use super::common::Env;
+
+/// The `[ceph]` section for `client` (operation timeout `op_timeout_secs`).
+pub fn ceph_section(mc: &MicroCeph, client: &str, op_timeout_secs: u64) -> String {
+    format!(
+        "[ceph]\nconf = \"{}\"\nclient = \"{client}\"\nkeyring = \"{}\"\npool = \"{POOL}\"\nop_timeout_secs = {op_timeout_secs}\n",
+        mc.conf().display(),
+        mc.keyring(client).display()
+    )
+}
+
+/// A daemon (not started) on the cluster as `client`, with `extra` config lines after
+/// `[ceph]` (other sections).
+pub fn host(mc: &MicroCeph, client: &str, op_timeout_secs: u64, extra: &str) -> Env {
+    let section = ceph_section(mc, client, op_timeout_secs);
+    Env::with_config(|_| format!("{section}{extra}"))
+}
+
+/// Hosts A and B (started) with one root key, and key `k` made on A and known to B. With the
+/// per-host key store (the default) B gets a copy of A's `kms/` as it is after the create;
+/// `[kms] store = "rados"` shares the records instead (tests/kms_rados.rs).
+pub fn two_hosts(mc: &MicroCeph, op_timeout_secs: u64) -> (Env, Env) {
+    let mut a = host(mc, CLIENT_A, op_timeout_secs, "");
+    let mut b = host(mc, CLIENT_B, op_timeout_secs, "");
+    std::fs::copy(a.state.join("root.key"), b.state.join("root.key")).unwrap();
+    a.start();
+    a.json(&["key", "create", "--alias", "k"]);
+    copy_kms(&a, &b);
+    b.start();
+    (a, b)
+}
+
+/// Copies `from`'s local key store (`kms/`) to `to` (not running): `to` then knows every
+/// key `from` has now.
+pub fn copy_kms(from: &Env, to: &Env) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from.state.join("kms"))
+        .arg(to.state.join("kms"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "copy kms/");
+}
+
+/// The entry of volume `name` in a `volume list --json`.
+pub fn volume<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    list["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not listed: {list}"))
+}
