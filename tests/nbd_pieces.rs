@@ -35,7 +35,15 @@ fn concurrent_large_unaligned_requests_match_a_model() {
     for sector in ["512", "4096"] {
         let name = format!("v{sector}");
         env.json(&[
-            "volume", "create", &name, "--size", "16M", "--key", "k", "--sector-size", sector,
+            "volume",
+            "create",
+            &name,
+            "--size",
+            "16M",
+            "--key",
+            "k",
+            "--sector-size",
+            sector,
         ]);
         env.json(&["volume", "attach", &name]);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/pieces_check.py");
@@ -65,7 +73,15 @@ fn nbdcopy_in_and_out_round_trips() {
     for sector in ["512", "4096"] {
         let name = format!("c{sector}");
         env.json(&[
-            "volume", "create", &name, "--size", "24M", "--key", "k", "--sector-size", sector,
+            "volume",
+            "create",
+            &name,
+            "--size",
+            "24M",
+            "--key",
+            "k",
+            "--sector-size",
+            sector,
         ]);
         env.json(&["volume", "attach", &name]);
         let src = env.dir.path().join("src.img");
@@ -82,12 +98,23 @@ fn nbdcopy_in_and_out_round_trips() {
         data[(5 << 20) + 4096..(7 << 20) + 512].fill(0);
         std::fs::write(&src, &data).unwrap();
         let uri = env.uri(&name);
-        for (from, to) in [(src.to_str().unwrap(), uri.as_str()), (uri.as_str(), back.to_str().unwrap())] {
+        for (from, to) in [
+            (src.to_str().unwrap(), uri.as_str()),
+            (uri.as_str(), back.to_str().unwrap()),
+        ] {
             let o = Command::new("nbdcopy").args([from, to]).output().unwrap();
-            assert!(o.status.success(), "nbdcopy {from} {to}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "nbdcopy {from} {to}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         let o = Command::new("cmp").arg(&src).arg(&back).output().unwrap();
-        assert!(o.status.success(), "{sector} B sectors: {}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            o.status.success(),
+            "{sector} B sectors: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         let _ = std::fs::remove_file(&back);
     }
 }

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use cryptvol::volume::{BlockStore, CipherBackend, FileStore, MemStore, Volume, VolumeHeader, XtsKey};
+use cryptvol::volume::{
+    BlockStore, CipherBackend, FileStore, MemStore, Volume, VolumeHeader, XtsKey,
+};
 use uuid::Uuid;
 
 const KIB: u64 = 1024;
@@ -18,7 +20,12 @@ const MIB: u64 = 1 << 20;
 const PIECE: u64 = 128 * KIB;
 
 fn key() -> XtsKey {
-    XtsKey::new(&(0..64u8).map(|i| i.wrapping_mul(29) ^ 0x5c).collect::<Vec<_>>()).unwrap()
+    XtsKey::new(
+        &(0..64u8)
+            .map(|i| i.wrapping_mul(29) ^ 0x5c)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap()
 }
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -59,7 +66,11 @@ fn stores(tag: &str) -> Vec<(String, Box<dyn BlockStore>, Option<tempfile::TempD
             .create_new(true)
             .open(dir.path().join("v.img"))
             .unwrap();
-        v.push((format!("file in {base}"), Box::new(FileStore::new(f)), Some(dir)));
+        v.push((
+            format!("file in {base}"),
+            Box::new(FileStore::new(f)),
+            Some(dir),
+        ));
     }
     v
 }
@@ -105,9 +116,15 @@ fn large_unaligned_requests_across_pieces_match_a_model() {
                     got == data,
                     "{name}, {sector} B units: read back ({off}, {len})"
                 );
-                let (a, b) = (off.saturating_sub(PIECE + 5), (off + len + PIECE + 5).min(size));
+                let (a, b) = (
+                    off.saturating_sub(PIECE + 5),
+                    (off + len + PIECE + 5).min(size),
+                );
                 let mut got = vec![0u8; (b - a) as usize];
-                assert!(v.try_read(a, &mut got).unwrap(), "{name}: try_read declined");
+                assert!(
+                    v.try_read(a, &mut got).unwrap(),
+                    "{name}: try_read declined"
+                );
                 assert!(
                     got == model[a as usize..b as usize],
                     "{name}, {sector} B units: neighbours of ({off}, {len})"

@@ -257,7 +257,11 @@ impl Volume {
     /// Bytes of whole units read or written per store call: [`PIECE`] on a page-cache store,
     /// [`CHUNK`] where each call waits for a device; always a multiple of the unit.
     fn piece(&self) -> usize {
-        let p = if self.store.writes_wait() { CHUNK } else { PIECE };
+        let p = if self.store.writes_wait() {
+            CHUNK
+        } else {
+            PIECE
+        };
         (p / self.unit as usize).max(1) * self.unit as usize
     }
 

@@ -14,6 +14,14 @@ import sys
 import nbd
 
 
+def drain(hs):
+    """Runs every handle until none has a command in flight (an error raises)."""
+    while any(h.aio_in_flight() > 0 for h in hs):
+        for h in hs:
+            if h.aio_in_flight() > 0:
+                h.poll(1)
+
+
 def main():
     uri, size, sector = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     conns = 4
@@ -32,17 +40,17 @@ def main():
         ((1 << 20) + 784 + (128 << 10) + sector + 1, 3 * (128 << 10) - sector // 2),
         ((2 << 20) + sector, (2 << 20) - 2 * sector + 3),
     ]
-    inflight = []
+    inflight, keep = [], []
     for i, h in enumerate(hs):
         base = i * quarter
         for j, (off, n) in enumerate(shapes):
             assert off + n <= quarter
             data = os.urandom(n)
+            keep.append(data)  # alive until the WRITE is done
             model[base + off : base + off + n] = data
             inflight.append((h, h.aio_pwrite(data, base + off)))
-    while any(not h.aio_command_completed(c) for h, c in inflight):
-        for h in hs:
-            h.poll(0)
+    drain(hs)
+    assert all(h.aio_command_completed(c) for h, c in inflight)
     # Read back each quarter from another connection, in unaligned pieces, all in flight.
     reads = []
     for i in range(conns):
@@ -54,9 +62,7 @@ def main():
             buf = nbd.Buffer(n)
             reads.append((h, at, n, buf, h.aio_pread(buf, at)))
             at += n
-    while any(not h.aio_command_completed(c) for h, _, _, _, c in reads):
-        for h in hs:
-            h.poll(0)
+    drain(hs)
     for _, at, n, buf, _ in reads:
         assert buf.to_bytearray() == model[at : at + n], f"read ({at}, {n}) differs"
     # One READ across the first two quarters.
