@@ -581,28 +581,64 @@ fn serve_requests(
         } else {
             (cmd, payload)
         };
+        // A large READ, or WRITE without FUA, on a store that does not wait for a device: work
+        // for a CPU. A WRITE first waits for one of its connection's write slots (see
+        // [`write_parallelism`]). Then it goes to the pool if one of the process's CPU slots is
+        // free: this thread goes on reading requests meanwhile. When none is, other
+        // connections keep every CPU busy, and this thread would only wait; it serves the
+        // request itself, which saves the hand-off to a pool thread and its wake-up (nbdcopy's
+        // 4 connections: most requests).
+        let cpu_bound = !backend.writes_wait()
+            && matches!(
+                cmd,
+                Command::Read { .. } | Command::Write { fua: false, .. }
+            );
+        let mut slots = None;
+        let (cmd, payload) = if cpu_bound {
+            let writer = match cmd {
+                Command::Write { .. } => match acquire(&write_workers, 1) {
+                    Some(p) => Some(p),
+                    None => break Ok(()),
+                },
+                _ => None,
+            };
+            match cpu_slots().clone().try_acquire_owned() {
+                Ok(s) => {
+                    slots = Some((writer, s));
+                    (cmd, payload)
+                }
+                Err(_) => {
+                    drop(writer);
+                    let served = match cmd {
+                        Command::Read { .. } => {
+                            execute_inline(&*backend, &conn.pool, cmd, to, payload)
+                        }
+                        _ => Ok(execute_guarded(&*backend, &conn.pool, cmd, to, payload)),
+                    };
+                    match served {
+                        Ok(reply) => {
+                            drop(budget);
+                            let errno = reply.errno;
+                            if let Err(e) = conn.queue(reply) {
+                                break Err(e);
+                            }
+                            tally.end(&stats, errno);
+                            continue;
+                        }
+                        // A READ that would wait for the disk: to the pool, without a slot.
+                        Err(cmd) => (cmd, AlignedBuf::default()),
+                    }
+                }
+            }
+        } else {
+            (cmd, payload)
+        };
         let Some(permit) = acquire(&in_flight, 1) else {
             break Ok(());
         };
-        // Writes that wait for a device (O_DIRECT, RBD) are not CPU-bound: not capped.
-        let cpu = match cmd {
-            Command::Write { fua: false, .. } if !backend.writes_wait() => {
-                match acquire(&write_workers, 1) {
-                    Some(p) => Some(p),
-                    None => break Ok(()),
-                }
-            }
-            _ => None,
-        };
-        // Work for a CPU rather than a device: one of the process's CPU slots.
-        let slot = match cmd {
-            Command::Read { .. } | Command::Write { fua: false, .. } if !backend.writes_wait() => {
-                match acquire(cpu_slots(), 1) {
-                    Some(p) => Some(p),
-                    None => break Ok(()),
-                }
-            }
-            _ => None,
+        let (cpu, slot) = match slots {
+            Some((w, s)) => (w, Some(s)),
+            None => (None, None),
         };
         let (conn, backend, stats) = (conn.clone(), backend.clone(), stats.clone());
         rt.spawn_blocking(move || {
