@@ -562,6 +562,8 @@ fn serve_requests(
         } else {
             AlignedBuf::default()
         };
+        // Set when a small READ was found to wait for the device: it is not tried again.
+        let mut cold = false;
         let (cmd, payload) = if runs_inline(&*backend, &cmd) {
             match execute_inline(&*backend, &conn.pool, cmd, to, payload) {
                 Ok(reply) => {
@@ -576,7 +578,10 @@ fn serve_requests(
                     continue;
                 }
                 // A READ that would wait for the device: to the pool like a large one.
-                Err(cmd) => (cmd, AlignedBuf::default()),
+                Err(cmd) => {
+                    cold = true;
+                    (cmd, AlignedBuf::default())
+                }
             }
         } else {
             (cmd, payload)
@@ -588,7 +593,8 @@ fn serve_requests(
         // connections keep every CPU busy, and this thread would only wait; it serves the
         // request itself, which saves the hand-off to a pool thread and its wake-up (nbdcopy's
         // 4 connections: most requests).
-        let cpu_bound = !backend.writes_wait()
+        let cpu_bound = !cold
+            && !backend.writes_wait()
             && matches!(
                 cmd,
                 Command::Read { .. } | Command::Write { fua: false, .. }
