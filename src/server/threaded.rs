@@ -392,13 +392,15 @@ fn write_parallelism() -> usize {
 /// Large reads and writes running their CPU part (copy, cipher, copy) at once in the whole
 /// process, across connections: as many as the CPUs this process may use. Without it, nbdcopy's
 /// 4 connections × 64 requests in flight put ~250 reads on the blocking pool at once: threads
-/// preempting each other on 2 vCPUs (scheduling was 13 % of the daemon's time), and buffers far
-/// beyond what each connection's [`BufPool`] parks, so most reads got a freshly allocated,
-/// zeroed, page-faulted buffer (another 8 %). A request holds its slot while the backend runs
-/// and gives it back before its reply is sent: a client that does not read its replies holds
-/// no slot that other connections need. Measured (issue 16, 2 GiB in /dev/shm, 2 vCPUs, with
-/// 128 KiB pieces in the volume): server CPU per GiB down 15–25 % on 1 MiB sequential reads and
-/// writes with 1 and 4 connections and on nbdcopy; docs/benchmarks.md.
+/// preempting each other on 2 vCPUs (scheduling and wake-ups were 13 % of the daemon's time),
+/// and buffers far beyond what each connection's [`BufPool`] parks, so most reads got a freshly
+/// allocated, zeroed, page-faulted buffer (about 7 %). A request holds its slot while the
+/// backend runs and gives it back before its reply is sent: a client that does not read its
+/// replies holds no slot that other connections need. Measured with 128 KiB pieces in the
+/// volume and serving on the connection thread when no slot is free (issue 16, 2 GiB in
+/// /dev/shm, 2 vCPUs at load 9–15, six rounds): server CPU per GiB −16 % on `nbdcopy URI
+/// null:`, −21 % on 1 MiB reads with 4 connections, unchanged on writes with 4 connections
+/// and `nbdcopy IMAGE URI` (docs/benchmarks.md).
 fn cpu_slots() -> &'static Arc<Semaphore> {
     static S: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
     S.get_or_init(|| {
