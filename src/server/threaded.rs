@@ -389,6 +389,26 @@ fn write_parallelism() -> usize {
     })
 }
 
+/// Large reads and writes running their CPU part (copy, cipher, copy) at once in the whole
+/// process, across connections: as many as the CPUs this process may use. Without it, nbdcopy's
+/// 4 connections × 64 requests in flight put ~250 reads on the blocking pool at once: threads
+/// preempting each other on 2 vCPUs (scheduling and wake-ups were 13 % of the daemon's time),
+/// and buffers far beyond what each connection's [`BufPool`] parks, so most reads got a freshly
+/// allocated, zeroed, page-faulted buffer (about 7 %). A request holds its slot while the
+/// backend runs and gives it back before its reply is sent: a client that does not read its
+/// replies holds no slot that other connections need. Measured with 128 KiB pieces in the
+/// volume and serving on the connection thread when no slot is free (issue 16, 2 GiB in
+/// /dev/shm, 2 vCPUs at load 9–15, six rounds): server CPU per GiB −16 % on `nbdcopy URI
+/// null:`, −21 % on 1 MiB reads with 4 connections, unchanged on writes with 4 connections
+/// and `nbdcopy IMAGE URI` (docs/benchmarks.md).
+fn cpu_slots() -> &'static Arc<Semaphore> {
+    static S: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Arc::new(Semaphore::new(n))
+    })
+}
+
 /// The connection thread: reads and dispatches requests until EOF or stop, then waits for the
 /// requests still in flight and sends what is queued.
 fn serve_requests(
@@ -544,6 +564,8 @@ fn serve_requests(
         } else {
             AlignedBuf::default()
         };
+        // Set when a small READ was found to wait for the device: it is not tried again.
+        let mut cold = false;
         let (cmd, payload) = if runs_inline(&*backend, &cmd) {
             match execute_inline(&*backend, &conn.pool, cmd, to, payload) {
                 Ok(reply) => {
@@ -558,7 +580,63 @@ fn serve_requests(
                     continue;
                 }
                 // A READ that would wait for the device: to the pool like a large one.
-                Err(cmd) => (cmd, AlignedBuf::default()),
+                Err(cmd) => {
+                    cold = true;
+                    (cmd, AlignedBuf::default())
+                }
+            }
+        } else {
+            (cmd, payload)
+        };
+        // A large READ, or WRITE without FUA, on a store that does not wait for a device: work
+        // for a CPU. A WRITE first waits for one of its connection's write slots (see
+        // [`write_parallelism`]). Then it goes to the pool if one of the process's CPU slots is
+        // free: this thread goes on reading requests meanwhile. When none is, other
+        // connections keep every CPU busy, and this thread would only wait; it serves the
+        // request itself, which saves the hand-off to a pool thread and its wake-up (nbdcopy's
+        // 4 connections: most requests).
+        let cpu_bound = !cold
+            && !backend.writes_wait()
+            && matches!(
+                cmd,
+                Command::Read { .. } | Command::Write { fua: false, .. }
+            );
+        let mut slots = None;
+        let (cmd, payload) = if cpu_bound {
+            let writer = match cmd {
+                Command::Write { .. } => match acquire(&write_workers, 1) {
+                    Some(p) => Some(p),
+                    None => break Ok(()),
+                },
+                _ => None,
+            };
+            match cpu_slots().clone().try_acquire_owned() {
+                Ok(s) => {
+                    slots = Some((writer, s));
+                    (cmd, payload)
+                }
+                Err(_) => {
+                    drop(writer);
+                    let served = match cmd {
+                        Command::Read { .. } => {
+                            execute_inline(&*backend, &conn.pool, cmd, to, payload)
+                        }
+                        _ => Ok(execute_guarded(&*backend, &conn.pool, cmd, to, payload)),
+                    };
+                    match served {
+                        Ok(reply) => {
+                            drop(budget);
+                            let errno = reply.errno;
+                            if let Err(e) = conn.queue(reply) {
+                                break Err(e);
+                            }
+                            tally.end(&stats, errno);
+                            continue;
+                        }
+                        // A READ that would wait for the disk: to the pool, without a slot.
+                        Err(cmd) => (cmd, AlignedBuf::default()),
+                    }
+                }
             }
         } else {
             (cmd, payload)
@@ -566,19 +644,31 @@ fn serve_requests(
         let Some(permit) = acquire(&in_flight, 1) else {
             break Ok(());
         };
-        // Writes that wait for a device (O_DIRECT, RBD) are not CPU-bound: not capped.
-        let cpu = match cmd {
-            Command::Write { fua: false, .. } if !backend.writes_wait() => {
-                match acquire(&write_workers, 1) {
-                    Some(p) => Some(p),
-                    None => break Ok(()),
-                }
-            }
-            _ => None,
+        let (cpu, slot) = match slots {
+            Some((w, s)) => (w, Some(s)),
+            None => (None, None),
         };
         let (conn, backend, stats) = (conn.clone(), backend.clone(), stats.clone());
         rt.spawn_blocking(move || {
-            let reply = execute_guarded(&*backend, &conn.pool, cmd, to, payload);
+            let reply = match slot {
+                // A read keeps its slot only while its data is in memory: one that would wait
+                // for the device gives it back first, so cold reads from a disk stay as many
+                // in flight as the client sends.
+                Some(slot) if matches!(cmd, Command::Read { .. }) => {
+                    let r = execute_inline(&*backend, &conn.pool, cmd, to, payload);
+                    drop(slot);
+                    r.unwrap_or_else(|cmd| {
+                        execute_guarded(&*backend, &conn.pool, cmd, to, AlignedBuf::default())
+                    })
+                }
+                slot => {
+                    let r = execute_guarded(&*backend, &conn.pool, cmd, to, payload);
+                    // The CPU part is done: the slot is free before the reply waits for the
+                    // client.
+                    drop(slot);
+                    r
+                }
+            };
             let errno = reply.errno;
             // A failed send abandons the connection, which stops the connection thread.
             if conn.send(Some(reply)).is_ok() {
