@@ -280,6 +280,7 @@ fn rbd_snapshot_under_a_writer_is_a_cut_and_a_fenced_holder_gets_none() {
     // B takes the volume over: A's attachment is fenced (blocklisted) and gets no snapshot.
     b.json(&["volume", "attach", "v", "--takeover"]);
     let e = a.fails(&["volume", "snapshot", "create", "v", "late"]);
+    eprintln!("fenced holder's snapshot: {e}");
     assert!(!e.is_empty());
     assert!(
         !rbd_snaps(&mc, "cryptvol.v").contains(&"cryptvol.late".to_owned()),

@@ -555,7 +555,7 @@ impl Ceph {
         let l = self.open_locked(pool, name, false)?;
         let r = l
             .store
-            .snapshot(&format!("{SNAP_PREFIX}{snap}"))
+            .native_snapshot(&format!("{SNAP_PREFIX}{snap}"))
             .map_err(|e| snap_err(pool, name, snap, e));
         if let Err(e) = (l.release)() {
             tracing::warn!(volume = name, error = %e, "releasing the lock after a snapshot failed (released at close)");

@@ -68,7 +68,7 @@ impl Daemon {
                 let snap_name = format!("{SNAP_PREFIX}{snap}");
                 a.backend
                     .0
-                    .quiesce(|| raw.snapshot(&snap_name))
+                    .quiesce(|| raw.native_snapshot(&snap_name))
                     .map_err(|e| match e.raw_os_error() {
                         Some(libc::EEXIST) => DaemonError::Exists(full.clone()),
                         _ => DaemonError::Cluster(format!(

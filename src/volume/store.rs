@@ -56,7 +56,7 @@ pub trait BlockStore: Send + Sync {
     }
     /// Takes the store's own snapshot `name` (an RBD snapshot) of everything written before
     /// the call. Stores without snapshots of their own: `Unsupported`.
-    fn snapshot(&self, _name: &str) -> io::Result<()> {
+    fn native_snapshot(&self, _name: &str) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "this store takes no snapshots of its own",
@@ -78,8 +78,8 @@ impl<T: BlockStore + ?Sized> BlockStore for std::sync::Arc<T> {
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
     }
-    fn snapshot(&self, name: &str) -> io::Result<()> {
-        (**self).snapshot(name)
+    fn native_snapshot(&self, name: &str) -> io::Result<()> {
+        (**self).native_snapshot(name)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).punch_hole(offset, len)

@@ -64,7 +64,7 @@ impl BlockStore for RbdStore {
         self.image.flush()
     }
 
-    fn snapshot(&self, name: &str) -> io::Result<()> {
+    fn native_snapshot(&self, name: &str) -> io::Result<()> {
         self.image.flush()?;
         self.image.snap_create(name)
     }
