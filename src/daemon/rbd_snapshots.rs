@@ -14,11 +14,15 @@
 //! A fenced holder's session is blocklisted: the cluster refuses its snapshot.
 //!
 //! Read: `NAME@SNAP` opens the image read-only at the snapshot (no lock), for a read-only
-//! attach, `inspect` and `export`. Its header must name the volume id of `NAME`.
+//! attach, `inspect`, `export` and a clone (`create --from-snapshot`: a new image holding
+//! the snapshot's ciphertext, data runs only, under a new volume id and re-wrapped DEK).
+//! Its header must name the volume id of `NAME`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+
+use uuid::Uuid;
 
 use super::ceph::{self, SNAP_PREFIX};
 use super::exports::{Attached, VolumeBackend};
@@ -26,6 +30,8 @@ use super::snapshots::{SnapshotInfo, split_full};
 use super::{Daemon, DaemonError, Loc, VolumeInfo, volume_context};
 use crate::kms::Caller;
 use crate::server::{Qos, QosLimits};
+use crate::volume::snapshot::pace;
+use crate::volume::store::walk_allocation;
 use crate::volume::{BlockStore, CipherBackend, Volume, VolumeHeader, XtsKey};
 
 impl Daemon {
@@ -308,5 +314,94 @@ impl Daemon {
             clients: a.map_or(0, |a| a.clients.load(Ordering::SeqCst)),
             ..VolumeInfo::from_header(full, &h, "rbd", Self::rbd_place(pool, vol, snap))
         })
+    }
+
+    /// `volume create NEW --from-snapshot NAME@SNAP [--key K]` of an RBD snapshot: a new
+    /// image in the snapshot's pool (built under a temporary name, renamed when complete, as
+    /// an import) holding the snapshot's ciphertext, copied data runs only (holes stay
+    /// holes); its own volume id, the DEK unwrapped under the snapshot's context and
+    /// re-wrapped for NEW's under K (default: the snapshot's CMK), the header written anew.
+    pub(super) fn rbd_create_from_snapshot(
+        &self,
+        c: &Caller,
+        new: &str,
+        full: &str,
+        key: Option<&str>,
+        pool: &str,
+        max_rate: u64,
+    ) -> Result<VolumeInfo, DaemonError> {
+        let (h, src, held) = {
+            let _g = self.lock_ops();
+            self.check_free(new)?;
+            let (h, src) = self.rbd_snapshot_open_store(full, pool)?;
+            self.importing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(new.to_owned());
+            let held = super::Reservation {
+                d: self,
+                name: new.to_owned(),
+            };
+            (h, src, held)
+        };
+        let id = Uuid::new_v4();
+        let (_, _, dek) =
+            self.kms
+                .decrypt_datakey(c, &h.wrapped_dek, &volume_context(h.volume_id))?;
+        let key = key.unwrap_or(&h.key_id);
+        let wrapped = self
+            .kms
+            .encrypt_datakey(c, key, dek.expose(), &volume_context(id))?;
+        drop(dek);
+        let w = crate::kms::wrap::parse(&wrapped)?;
+        let mut nh = VolumeHeader::new(
+            id,
+            h.size,
+            h.sector_size,
+            &w.key_id.to_string(),
+            w.key_version,
+            wrapped,
+        )
+        .map_err(Self::vol_err(new))?;
+        nh.flags = h.flags;
+        nh.data_offset = h.data_offset;
+        // A failure drops `b`: the temporary image is removed.
+        let b = self.ceph()?.create_temp(pool, new, &nh)?;
+        let dst = b
+            .store()
+            .ok_or_else(|| DaemonError::Conflict("the new image is not open".into()))?;
+        let (start, d0, mut buf) = (Instant::now(), nh.data_offset, vec![0u8; 1 << 20]);
+        let mut copied = 0u64;
+        let query = |at: u64, len| {
+            let from = d0
+                .checked_add(at)
+                .ok_or(DaemonError::Invalid("offset".into()))?;
+            src.allocation(from, len).map_err(DaemonError::from)
+        };
+        walk_allocation(0, nh.size, query, |mut p, len, hole| {
+            let end = p
+                .checked_add(len)
+                .ok_or(DaemonError::Invalid("offset".into()))?;
+            while !hole && p < end {
+                let n = (end - p).min(buf.len() as u64) as usize;
+                let at = d0
+                    .checked_add(p)
+                    .ok_or(DaemonError::Invalid("offset".into()))?;
+                src.read_at(&mut buf[..n], at)?;
+                dst.write_at(&buf[..n], at)?;
+                p += n as u64;
+                copied += n as u64;
+                pace(start, copied, max_rate);
+            }
+            Ok(true)
+        })?;
+        dst.sync()?;
+        drop((dst, src));
+        let _g = self.lock_ops();
+        self.ceph()?.finish(b, new)?;
+        self.register(new, &nh, Some(pool))?;
+        drop(held);
+        tracing::info!(volume = new, from = full, volume_id = %id, key_id = %nh.key_id, copied, "created from a snapshot");
+        self.info_locked(new)
     }
 }

@@ -704,11 +704,8 @@ impl Daemon {
         key: Option<&str>,
         max_rate: u64,
     ) -> Result<VolumeInfo, DaemonError> {
-        if self.rbd_pool_of(full).is_some() {
-            return Err(DaemonError::Unsupported(format!(
-                "a volume from a snapshot of an RBD volume ({full:?}) is not supported yet; \
-                 export the snapshot and import it"
-            )));
+        if let Some(pool) = self.rbd_pool_of(full) {
+            return self.rbd_create_from_snapshot(c, new, full, key, &pool, max_rate);
         }
         let (h, snap_path, held, busy) = {
             let _g = self.lock_ops();
