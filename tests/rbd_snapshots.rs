@@ -78,7 +78,7 @@ fn rbd_snapshot_keeps_its_point_in_time_for_both_hosts() {
     let Some(mc) = MicroCeph::start(test) else {
         return;
     };
-    let (a, b) = hosts::two_hosts(&mc, 5);
+    let (mut a, b) = hosts::two_hosts(&mc, 5);
     a.json(&[
         "volume", "create", "v", "--size", "4M", "--key", "k", "--store", "rbd",
     ]);
@@ -127,6 +127,24 @@ fn rbd_snapshot_keeps_its_point_in_time_for_both_hosts() {
     // Read-write attach of a snapshot: refused.
     let e = a.fails(&["volume", "attach", "v@s1"]);
     assert!(e.contains("read-only"), "{e}");
+    // Every snapshot (`GET /v1/snapshots`) includes it.
+    let all = a.json(&["volume", "snapshot", "list"]);
+    assert!(
+        all["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "v@s1" && s["method"] == "rbd"),
+        "{all}"
+    );
+    // Still attached after a restart.
+    assert!(a.stop().success());
+    a.start();
+    assert_eq!(a.json(&["volume", "inspect", "v@s1"])["attached"], true);
+    assert!(
+        nbd_read(&a.uri("v@s1")) == snap,
+        "re-attached after a restart"
+    );
 
     // Export of the snapshot (detached there: opened at the snapshot for the export).
     let out = a.dir.path().join("snap.raw");

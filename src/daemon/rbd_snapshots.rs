@@ -190,6 +190,34 @@ impl Daemon {
             .collect())
     }
 
+    /// The cryptvol snapshots of every RBD volume of `[ceph] pool` (for `GET /v1/snapshots`);
+    /// a volume or a cluster that does not answer is skipped with a warning.
+    pub(super) fn rbd_snapshot_names_all(&self) -> Vec<String> {
+        let Some(c) = &self.ceph else {
+            return Vec::new();
+        };
+        let vols = match c.list() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "snapshot list: RBD volumes not listed");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for v in vols {
+            let Some(pool) = self.rbd_pool_of(&v) else {
+                continue;
+            };
+            match self.rbd_snapshot_names(&v, &pool) {
+                Ok(n) => out.extend(n),
+                Err(e) => {
+                    tracing::warn!(volume = %v, error = %e, "snapshot list: its snapshots not listed")
+                }
+            }
+        }
+        out
+    }
+
     /// `volume snapshot delete NAME@SNAP` of an RBD volume (ops lock held): refused while
     /// attached here.
     pub(super) fn rbd_snapshot_delete(&self, full: &str, pool: &str) -> Result<(), DaemonError> {

@@ -493,6 +493,9 @@ impl Daemon {
                 names.push(k.clone());
             }
         }
+        if volume.is_none() {
+            names.extend(self.rbd_snapshot_names_all());
+        }
         names.sort();
         names.dedup();
         names.iter().map(|n| self.snapshot_info_locked(n)).collect()
