@@ -523,6 +523,126 @@ impl Ceph {
     }
 }
 
+/// Prefix of the RBD snapshots cryptvol makes: snapshot `SNAP` of a volume is the image's
+/// snapshot `cryptvol.SNAP`; other snapshots of the image (a user's) are never touched.
+pub const SNAP_PREFIX: &str = "cryptvol.";
+
+/// One cryptvol snapshot of an image.
+pub struct RbdSnap {
+    /// Without [`SNAP_PREFIX`].
+    pub name: String,
+    pub id: u64,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+fn snap_err(pool: &str, name: &str, snap: &str, e: std::io::Error) -> DaemonError {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => DaemonError::NoVolume(format!("{name}@{snap}")),
+        Some(libc::EEXIST) => DaemonError::Exists(format!("{name}@{snap}")),
+        _ => cluster_err(
+            &format!("snapshot {pool}/{}@{SNAP_PREFIX}{snap}", image_name(name)),
+            e,
+        ),
+    }
+}
+
+impl Ceph {
+    /// Snapshot `snap` of a volume not attached read-write here: taken in a session of its
+    /// own holding the image's lock (refused, naming the holder, while another client holds
+    /// it: that host writes, the snapshot is taken there), then the lock is released.
+    pub fn snap_create(&self, pool: &str, name: &str, snap: &str) -> Result<(), DaemonError> {
+        let l = self.open_locked(pool, name, false)?;
+        let r = l
+            .store
+            .native_snapshot(&format!("{SNAP_PREFIX}{snap}"))
+            .map_err(|e| snap_err(pool, name, snap, e));
+        if let Err(e) = (l.release)() {
+            tracing::warn!(volume = name, error = %e, "releasing the lock after a snapshot failed (released at close)");
+        }
+        r
+    }
+
+    /// The cryptvol snapshots of volume `name`, by name.
+    pub fn snap_list(&self, pool: &str, name: &str) -> Result<Vec<RbdSnap>, DaemonError> {
+        let r = (|| {
+            let img = self.open_control(pool, name, true)?;
+            let mut out = Vec::new();
+            for s in img
+                .snapshots()
+                .map_err(|e| cluster_err("listing snapshots", e))?
+            {
+                let Some(short) = s.name.strip_prefix(SNAP_PREFIX) else {
+                    continue;
+                };
+                if !super::valid_name(short) {
+                    continue;
+                }
+                out.push(RbdSnap {
+                    name: short.to_owned(),
+                    id: s.id,
+                    created: img.snap_timestamp(s.id).unwrap_or(0),
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })();
+        self.reset_on(r)
+    }
+
+    /// The snapshots of volume `name`'s image that are not cryptvol's (a user's): the image
+    /// cannot be removed while they exist, and cryptvol never removes them.
+    pub fn foreign_snaps(&self, pool: &str, name: &str) -> Result<Vec<String>, DaemonError> {
+        let r = (|| {
+            let img = self.open_control(pool, name, true)?;
+            let all = img
+                .snapshots()
+                .map_err(|e| cluster_err("listing snapshots", e))?;
+            Ok(all
+                .into_iter()
+                .filter(|s| {
+                    s.name
+                        .strip_prefix(SNAP_PREFIX)
+                        .is_none_or(|n| !super::valid_name(n))
+                })
+                .map(|s| s.name)
+                .collect())
+        })();
+        self.reset_on(r)
+    }
+
+    /// Removes snapshot `snap` of volume `name` (through the control session; librbd asks
+    /// the lock holder, if any, to do it).
+    pub fn snap_remove(&self, pool: &str, name: &str, snap: &str) -> Result<(), DaemonError> {
+        let r = (|| {
+            let img = self.open_control(pool, name, false)?;
+            img.snap_remove(&format!("{SNAP_PREFIX}{snap}"))
+                .map_err(|e| snap_err(pool, name, snap, e))
+        })();
+        self.reset_on(r)
+    }
+
+    /// Snapshot `snap` of volume `name` opened read-only in the control session (no lock).
+    pub fn open_snapshot(
+        &self,
+        pool: &str,
+        name: &str,
+        snap: &str,
+    ) -> Result<Arc<dyn BlockStore>, DaemonError> {
+        let r = (|| {
+            let io = self
+                .control()?
+                .ioctx(pool)
+                .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
+            let img = io
+                .open_snapshot(&image_name(name), &format!("{SNAP_PREFIX}{snap}"))
+                .map_err(|e| snap_err(pool, name, snap, e))?;
+            Ok(Arc::new(RbdStore::new(img)) as Arc<dyn BlockStore>)
+        })();
+        self.reset_on(r)
+    }
+}
+
 /// A lock holder as shown to users: its label is image metadata any client of the pool can
 /// write, so control characters are replaced and the length is bounded.
 fn shown(o: &LockOwner) -> String {

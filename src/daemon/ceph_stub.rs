@@ -90,3 +90,34 @@ impl Ceph {
         Err(off())
     }
 }
+
+pub const SNAP_PREFIX: &str = "cryptvol.";
+
+pub struct RbdSnap {
+    pub name: String,
+    pub id: u64,
+    pub created: u64,
+}
+
+impl Ceph {
+    pub fn snap_create(&self, _: &str, _: &str, _: &str) -> Result<(), DaemonError> {
+        Err(off())
+    }
+    pub fn snap_list(&self, _: &str, _: &str) -> Result<Vec<RbdSnap>, DaemonError> {
+        Err(off())
+    }
+    pub fn foreign_snaps(&self, _: &str, _: &str) -> Result<Vec<String>, DaemonError> {
+        Err(off())
+    }
+    pub fn snap_remove(&self, _: &str, _: &str, _: &str) -> Result<(), DaemonError> {
+        Err(off())
+    }
+    pub fn open_snapshot(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+    ) -> Result<Arc<dyn BlockStore>, DaemonError> {
+        Err(off())
+    }
+}

@@ -14,6 +14,7 @@ pub mod exports;
 mod metrics;
 pub mod migrate;
 mod qos;
+mod rbd_snapshots;
 #[cfg(feature = "rbd")]
 mod reach;
 mod reencrypt;

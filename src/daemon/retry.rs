@@ -102,26 +102,54 @@ impl Daemon {
         if !self.retry_wanted(name, read_only) {
             return false;
         }
-        let pool = match self.locate(name) {
-            Ok(Loc::Rbd(pool)) => pool,
-            // Not an RBD volume (any more): nothing the cluster's return fixes.
-            _ => return false,
+        let r = if name.contains('@') {
+            // An RBD volume's snapshot (`rbd_snapshots.rs`): the cluster reached first, the
+            // read-only open (no lock) under the ops lock.
+            let (Some(pool), Some((vol, _))) = (self.rbd_pool_of(name), name.split_once('@'))
+            else {
+                return false;
+            };
+            tracing::info!(volume = name, "re-attach: trying the cluster again");
+            if let Err(e @ DaemonError::Cluster(_)) =
+                self.ceph().and_then(|c| c.snap_list(&pool, vol))
+            {
+                tracing::warn!(volume = name, error = %e, retry = true, "re-attach failed");
+                return true;
+            }
+            let _g = self.lock_ops();
+            if !self.retry_wanted(name, read_only) {
+                return false;
+            }
+            let r = self.attach_snapshot_locked(&Caller::DAEMON, name, read_only);
+            if r.is_ok() {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(name);
+            }
+            r
+        } else {
+            let pool = match self.locate(name) {
+                Ok(Loc::Rbd(pool)) => pool,
+                // Not an RBD volume (any more): nothing the cluster's return fixes.
+                _ => return false,
+            };
+            tracing::info!(volume = name, "re-attach: trying the cluster again");
+            let opened = self
+                .ceph()
+                .and_then(|c| c.open_for_attach(&pool, name, read_only, false));
+            let g = self.lock_ops();
+            let still = self.retry_wanted(name, read_only)
+                && matches!(self.locate(name), Ok(Loc::Rbd(p)) if p == pool);
+            if !still {
+                drop(g);
+                drop(opened); // closed outside the lock
+                tracing::info!(volume = name, "re-attach dropped: no longer wanted");
+                return false;
+            }
+            opened
+                .and_then(|o| self.attach_opened(&Caller::DAEMON, name, read_only, false, Some(o)))
         };
-        tracing::info!(volume = name, "re-attach: trying the cluster again");
-        let opened = self
-            .ceph()
-            .and_then(|c| c.open_for_attach(&pool, name, read_only, false));
-        let g = self.lock_ops();
-        let still = self.retry_wanted(name, read_only)
-            && matches!(self.locate(name), Ok(Loc::Rbd(p)) if p == pool);
-        if !still {
-            drop(g);
-            drop(opened); // closed outside the lock
-            tracing::info!(volume = name, "re-attach dropped: no longer wanted");
-            return false;
-        }
-        let r = opened
-            .and_then(|o| self.attach_opened(&Caller::DAEMON, name, read_only, false, Some(o)));
         match r {
             Ok(()) => {
                 tracing::info!(volume = name, "re-attached: the cluster is back");

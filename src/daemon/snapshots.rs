@@ -1,4 +1,5 @@
-//! Snapshots, clones and export sources of file volumes (SPEC §9).
+//! Snapshots, clones and export sources of file volumes (SPEC §9); those of RBD volumes are
+//! Ceph's own (`rbd_snapshots.rs`), dispatched from here.
 //!
 //! A snapshot of NAME is the file `volumes/NAME@SNAP.cvol`: the volume's header (same
 //! volume id, same wrapped DEK), a snapshot record (`volume::snapshot::SnapRecord`) and the
@@ -174,10 +175,9 @@ impl Daemon {
         let final_path = self.snapshot_path(&full)?;
         let _g = self.lock_ops();
         let loc = self.locate(name)?;
-        let Loc::File(path) = &loc else {
-            return Err(DaemonError::Unsupported(
-                "snapshots of RBD volumes are not supported yet".into(),
-            ));
+        let path = match &loc {
+            Loc::File(path) => path,
+            Loc::Rbd(pool) => return self.rbd_snapshot_create(name, snap, pool),
         };
         if final_path.exists()
             || self.registry().snapshot(&full).is_some()
@@ -421,6 +421,9 @@ impl Daemon {
 
     fn snapshot_info_locked(&self, full: &str) -> Result<SnapshotInfo, DaemonError> {
         let (vol, snap) = split_full(full)?;
+        if let Some(pool) = self.rbd_pool_of(full) {
+            return self.rbd_snapshot_info(full, &pool);
+        }
         let base = |reg: &RegisteredSnapshot, state: String, percent: u64, cow: u64| SnapshotInfo {
             name: full.to_owned(),
             volume: vol.to_owned(),
@@ -464,8 +467,14 @@ impl Daemon {
 
     /// Every snapshot of `volume` (all volumes when `None`), finished and in the making.
     pub fn snapshot_list(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>, DaemonError> {
-        if let Some(v) = volume {
-            self.locate(v)?;
+        if let Some(v) = volume
+            && let Loc::Rbd(pool) = self.locate(v)?
+        {
+            let names = self.rbd_snapshot_names(v, &pool)?;
+            return names
+                .iter()
+                .map(|n| self.rbd_snapshot_info(n, &pool))
+                .collect();
         }
         let mut names: Vec<String> = self
             .registry()
@@ -484,6 +493,9 @@ impl Daemon {
                 names.push(k.clone());
             }
         }
+        if volume.is_none() {
+            names.extend(self.rbd_snapshot_names_all());
+        }
         names.sort();
         names.dedup();
         names.iter().map(|n| self.snapshot_info_locked(n)).collect()
@@ -498,6 +510,9 @@ impl Daemon {
 
     fn snapshot_delete_locked(&self, full: &str) -> Result<(), DaemonError> {
         let path = self.snapshot_path(full)?;
+        if let Some(pool) = self.rbd_pool_of(full) {
+            return self.rbd_snapshot_delete(full, &pool);
+        }
         if let Some(j) = self.snaps.job(full) {
             if j.failed.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
                 return Err(DaemonError::Conflict(format!(
@@ -545,6 +560,9 @@ impl Daemon {
         name: &str,
         with_snapshots: bool,
     ) -> Result<(), DaemonError> {
+        if let Some(pool) = self.rbd_pool_of(name) {
+            return self.rbd_delete_snapshots_of(name, &pool, with_snapshots);
+        }
         let mut all: Vec<String> = self
             .registry()
             .snapshots_of(Some(name))
@@ -605,6 +623,23 @@ impl Daemon {
                 "snapshot {full:?} is not complete"
             )));
         }
+        if let Some(pool) = self.rbd_pool_of(full) {
+            self.attach_rbd_snapshot(c, full, &pool)?;
+        } else {
+            self.attach_file_snapshot(c, full)?;
+        }
+        let mut st = self.attach_state.lock().unwrap_or_else(|e| e.into_inner());
+        st.set(full, Some(true));
+        st.save(&self.state_dir)?;
+        tracing::info!(
+            snapshot = full,
+            peer_uid = c.uid,
+            "snapshot attached read-only"
+        );
+        Ok(())
+    }
+
+    fn attach_file_snapshot(&self, c: &Caller, full: &str) -> Result<(), DaemonError> {
         let vol = self.open_snapshot(c, full)?;
         let size = vol.size();
         self.exports.insert(
@@ -620,19 +655,14 @@ impl Daemon {
                 release: None,
             },
         );
-        let mut st = self.attach_state.lock().unwrap_or_else(|e| e.into_inner());
-        st.set(full, Some(true));
-        st.save(&self.state_dir)?;
-        tracing::info!(
-            snapshot = full,
-            peer_uid = c.uid,
-            "snapshot attached read-only"
-        );
         Ok(())
     }
 
     /// Opens a finished snapshot read-only with its (the volume's) DEK.
     fn open_snapshot(&self, c: &Caller, full: &str) -> Result<Volume, DaemonError> {
+        if let Some(pool) = self.rbd_pool_of(full) {
+            return self.open_rbd_snapshot(c, full, &pool);
+        }
         let (h, path) = self.trusted_snapshot(full)?;
         let key = self.unwrap_dek(c, full, &h)?;
         let vol = Volume::open(&path, key, true).map_err(Self::vol_err(full))?;
@@ -651,6 +681,9 @@ impl Daemon {
 
     /// `volume inspect NAME@SNAP` (and what attach/detach of a snapshot answer).
     pub(super) fn snapshot_volume_info(&self, full: &str) -> Result<VolumeInfo, DaemonError> {
+        if let Some(pool) = self.rbd_pool_of(full) {
+            return self.rbd_snapshot_volume_info(full, &pool);
+        }
         let (h, path) = self.trusted_snapshot(full)?;
         let a = self.exports.get(full);
         Ok(VolumeInfo {
@@ -674,6 +707,9 @@ impl Daemon {
         key: Option<&str>,
         max_rate: u64,
     ) -> Result<VolumeInfo, DaemonError> {
+        if let Some(pool) = self.rbd_pool_of(full) {
+            return self.rbd_create_from_snapshot(c, new, full, key, &pool, max_rate);
+        }
         let (h, snap_path, held, busy) = {
             let _g = self.lock_ops();
             self.check_free(new)?;

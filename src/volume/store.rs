@@ -54,6 +54,14 @@ pub trait BlockStore: Send + Sync {
     fn io_align(&self) -> u64 {
         1
     }
+    /// Takes the store's own snapshot `name` (an RBD snapshot) of everything written before
+    /// the call. Stores without snapshots of their own: `Unsupported`.
+    fn native_snapshot(&self, _name: &str) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this store takes no snapshots of its own",
+        ))
+    }
 }
 
 /// A shared store is a store (tests keep a handle to inspect or inject faults).
@@ -69,6 +77,9 @@ impl<T: BlockStore + ?Sized> BlockStore for std::sync::Arc<T> {
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
+    }
+    fn native_snapshot(&self, name: &str) -> io::Result<()> {
+        (**self).native_snapshot(name)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).punch_hole(offset, len)

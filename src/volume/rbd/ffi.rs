@@ -35,6 +35,14 @@ pub struct rbd_image_spec_t {
     pub name: *mut c_char,
 }
 
+/// `typedef struct { uint64_t id; uint64_t size; const char *name; } rbd_snap_info_t;`
+#[repr(C)]
+pub struct rbd_snap_info_t {
+    pub id: u64,
+    pub size: u64,
+    pub name: *const c_char,
+}
+
 /// `int (*cb)(uint64_t, size_t, int, void *)` of `rbd_diff_iterate2`: offset, length,
 /// exists (1 data, 0 hole), the caller's argument; a negative return stops the iteration.
 pub type rbd_diff_cb = unsafe extern "C" fn(u64, size_t, c_int, *mut c_void) -> c_int;
@@ -252,4 +260,27 @@ unsafe extern "C" {
     ) -> c_int;
     // int rbd_metadata_set(rbd_image_t image, const char *key, const char *value);
     pub fn rbd_metadata_set(image: rbd_image_t, key: *const c_char, value: *const c_char) -> c_int;
+
+    // Snapshots (src/daemon/rbd_snapshots.rs).
+    // int rbd_snap_create(rbd_image_t image, const char *snapname);
+    pub fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    // int rbd_snap_remove(rbd_image_t image, const char *snapname);
+    pub fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    // int rbd_snap_list(rbd_image_t image, rbd_snap_info_t *snaps, int *max_snaps);
+    // (room for the snapshots and a terminating entry; returns the count, or -ERANGE with
+    // the needed room in *max_snaps)
+    pub fn rbd_snap_list(
+        image: rbd_image_t,
+        snaps: *mut rbd_snap_info_t,
+        max_snaps: *mut c_int,
+    ) -> c_int;
+    // void rbd_snap_list_end(rbd_snap_info_t *snaps);
+    pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
+    // int rbd_snap_get_timestamp(rbd_image_t image, uint64_t snap_id,
+    //                            struct timespec *timestamp);
+    pub fn rbd_snap_get_timestamp(
+        image: rbd_image_t,
+        snap_id: u64,
+        timestamp: *mut libc::timespec,
+    ) -> c_int;
 }

@@ -362,6 +362,25 @@ impl IoCtx {
         self.open_with(name, true)
     }
 
+    /// Opens snapshot `snap` of an image, read-only (no watch, no lock): what the image held
+    /// when the snapshot was taken. `ENOENT` when the image or the snapshot is missing.
+    pub fn open_snapshot(&self, name: &str, snap: &str) -> io::Result<Image> {
+        let (cname, csnap) = (cstring(name)?, cstring(snap)?);
+        let mut img: ffi::rbd_image_t = ptr::null_mut();
+        // SAFETY: live ioctx; `img` a valid out pointer; both names NUL-terminated for the
+        // call (librbd copies them).
+        let r = unsafe {
+            ffi::rbd_open_read_only(self.inner.h, cname.as_ptr(), &mut img, csnap.as_ptr())
+        };
+        check(r)?;
+        Ok(Image {
+            h: img,
+            name: format!("{name}@{snap}"),
+            read_only: true,
+            ioctx: self.clone(),
+        })
+    }
+
     fn open_with(&self, name: &str, read_only: bool) -> io::Result<Image> {
         let cname = cstring(name)?;
         let mut img: ffi::rbd_image_t = ptr::null_mut();
@@ -410,6 +429,15 @@ pub enum LockError {
     Held { image: String, owner: LockOwner },
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// One of an image's snapshots ([`Image::snapshots`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapInfo {
+    pub id: u64,
+    pub name: String,
+    /// The image's size at the snapshot.
+    pub size: u64,
 }
 
 /// An open image (`rbd_image_t`). I/O methods may be called from many threads at once.
@@ -758,5 +786,74 @@ impl Image {
                 }
             }
         }
+    }
+
+    /// Takes snapshot `snap` of the image (`rbd_snap_create`): every write completed before
+    /// the call is in it. On an image whose exclusive lock another client holds, librbd asks
+    /// the holder to do it; a fenced (blocklisted) session gets an error, never a snapshot.
+    pub fn snap_create(&self, snap: &str) -> io::Result<()> {
+        let c = cstring(snap)?;
+        // SAFETY: open image; `c` NUL-terminated for the call.
+        check(unsafe { ffi::rbd_snap_create(self.h, c.as_ptr()) }).map(drop)
+    }
+
+    /// Removes snapshot `snap` (`ENOENT` if there is none).
+    pub fn snap_remove(&self, snap: &str) -> io::Result<()> {
+        let c = cstring(snap)?;
+        // SAFETY: open image; `c` NUL-terminated for the call.
+        check(unsafe { ffi::rbd_snap_remove(self.h, c.as_ptr()) }).map(drop)
+    }
+
+    /// The image's snapshots.
+    pub fn snapshots(&self) -> io::Result<Vec<SnapInfo>> {
+        let mut cap: c_int = 16;
+        loop {
+            let room = usize::try_from(cap).unwrap_or(16);
+            let mut snaps: Vec<ffi::rbd_snap_info_t> = (0..room)
+                .map(|_| ffi::rbd_snap_info_t {
+                    id: 0,
+                    size: 0,
+                    name: ptr::null(),
+                })
+                .collect();
+            let mut n = cap;
+            // SAFETY: `snaps` holds `n` initialised entries; librbd fills at most `n` (the
+            // snapshots and a terminating entry with a null name) or sets `n` to the room
+            // needed with -ERANGE.
+            let r = unsafe { ffi::rbd_snap_list(self.h, snaps.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE {
+                cap = n.max(cap.saturating_mul(2));
+                continue;
+            }
+            let count = usize::try_from(check(r)?).unwrap_or(0).min(room);
+            let out = snaps[..count]
+                .iter()
+                .filter(|s| !s.name.is_null())
+                .map(|s| SnapInfo {
+                    id: s.id,
+                    size: s.size,
+                    // SAFETY: a non-null name is a NUL-terminated string strdup'ed by
+                    // librbd, freed only by rbd_snap_list_end below.
+                    name: unsafe { CStr::from_ptr(s.name) }
+                        .to_string_lossy()
+                        .into_owned(),
+                })
+                .collect();
+            // SAFETY: frees the names librbd filled in (up to the null-named terminator,
+            // which it wrote on success), once; the array is Rust's.
+            unsafe { ffi::rbd_snap_list_end(snaps.as_mut_ptr()) };
+            return Ok(out);
+        }
+    }
+
+    /// When snapshot `id` was taken (Unix seconds).
+    pub fn snap_timestamp(&self, id: u64) -> io::Result<u64> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: open image; `ts` a valid out pointer.
+        check(unsafe { ffi::rbd_snap_get_timestamp(self.h, id, &mut ts) })?;
+        Ok(u64::try_from(ts.tv_sec).unwrap_or(0))
     }
 }

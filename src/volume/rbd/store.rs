@@ -64,6 +64,11 @@ impl BlockStore for RbdStore {
         self.image.flush()
     }
 
+    fn native_snapshot(&self, name: &str) -> io::Result<()> {
+        self.image.flush()?;
+        self.image.snap_create(name)
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         // write_zeroes, not discard: the range must read as zeros afterwards (the volume's
         // thin rule reads an all-zero unit as a hole), and rbd_discard skips the parts of
