@@ -35,9 +35,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use super::ServerConfig;
 use super::backend::OpenExport;
 use super::bufpool::BufPool;
+use super::dispatch::{Completions, dispatch};
 use super::exec::{
-    Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline, request_kib,
-    runs_inline,
+    Reply, Tally, budget_kib, error_reply, execute_inline, request_kib, runs_inline,
 };
 use super::session::{BoxStream, DRAIN_AFTER_STOP, Terms, invalid, wait_true};
 use crate::aligned::AlignedBuf;
@@ -181,7 +181,7 @@ struct Conn {
     /// Replies of inline requests not sent yet. Its lock is also the write lock: every send
     /// takes the queue along, so replies never interleave and none waits behind a later one.
     queued: Mutex<Vec<u8>>,
-    pool: BufPool,
+    pool: Arc<BufPool>,
     /// `true` once the connection takes no more requests (detach, shutdown, broken peer).
     stopped: watch::Sender<bool>,
 }
@@ -341,7 +341,7 @@ pub(super) async fn transmission(
     let conn = Arc::new(Conn {
         sock,
         queued: Mutex::new(Vec::with_capacity(QUEUE_MAX)),
-        pool: BufPool::default(),
+        pool: Arc::new(BufPool::default()),
         stopped: watch::Sender::new(false),
     });
     let mut detached = export.detached.clone();
@@ -425,6 +425,7 @@ fn serve_requests(
     let budget_kib = budget_kib(cfg.max_buffer_bytes);
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let write_workers = Arc::new(Semaphore::new(write_parallelism()));
+    let completions = Completions::new(rt.clone());
     let mut stop = conn.stopped.subscribe();
     let (qos, mut qos_stop) = (export.qos.clone(), conn.stopped.subscribe());
     // A permit, or `None` once the connection stops; the queue goes out before any real wait.
@@ -576,16 +577,27 @@ fn serve_requests(
             }
             _ => None,
         };
-        let (conn, backend, stats) = (conn.clone(), backend.clone(), stats.clone());
-        rt.spawn_blocking(move || {
-            let reply = execute_guarded(&*backend, &conn.pool, cmd, to, payload);
+        let (c, stats) = (conn.clone(), stats.clone());
+        // On a blocking-pool thread, whether the pool executed the request or librbd completed
+        // it (server/dispatch.rs): the reply goes out from there.
+        let deliver = Box::new(move |reply: Reply| {
             let errno = reply.errno;
             // A failed send abandons the connection, which stops the connection thread.
-            if conn.send(Some(reply)).is_ok() {
+            if c.send(Some(reply)).is_ok() {
                 tally.end(&stats, errno);
             }
             drop((budget, permit, cpu));
         });
+        dispatch(
+            rt,
+            &completions,
+            &backend,
+            &conn.pool,
+            cmd,
+            to,
+            payload,
+            deliver,
+        );
     };
     // Requests in flight finish (their replies still go out), then the queue, then close.
     let _ = rt.block_on(in_flight.acquire_many(max_in_flight as u32));
