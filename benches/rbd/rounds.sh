@@ -12,12 +12,14 @@
 #   benches/rbd/rounds.sh [--rounds 3] [--size 1024] [--seconds 6] [--ramp 2]
 #       [--jobs "randread randwrite seqread seqwrite"] [--cryptvol NAME=BIN]...
 #       [--hold]   (after setup: print how to reach everything and wait for Enter; profiling)
+#       [--nocache] (also the ceiling with rbd_cache = false, as cryptvol runs librbd: shows
+#                   what librbd's default cache (writearound) gives the ceiling)
 #
 # Jobs: seqread/seqwrite = 1 MiB QD8, randread/randwrite = 4 KiB QD32 (as peers.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-rounds=3; mb=1024; secs=6; ramp=2; jobs="randread randwrite seqread seqwrite"; hold=0
+rounds=3; mb=1024; secs=6; ramp=2; jobs="randread randwrite seqread seqwrite"; hold=0; nocache=0
 variants=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
         --jobs) jobs=$2; shift ;;
         --cryptvol) variants+=("$2"); shift ;;
         --hold) hold=1 ;;
+        --nocache) nocache=1 ;;
         *) sed -n '2,17p' "$0"; exit 2 ;;
     esac
     shift
@@ -114,6 +117,7 @@ if [ $hold = 1 ]; then
 fi
 
 res=$D/results # lines: round job peer mibs iops
+{ cat "$CEPH_CONF"; printf '\nrbd cache = false\n'; } > "$D/c/nocache.conf" # [client] is the conf's last section
 : > "$res"
 log "load at start: $(uptime)"
 for r in $(seq 1 "$rounds"); do
@@ -129,6 +133,10 @@ for r in $(seq 1 "$rounds"); do
                 --output-format=json)
         echo "$r $job ceiling $(fio --name="$job" --ioengine=rbd --clientname=$client --pool=rbd \
             --rbdname=raw "${common[@]}" | fio_json)" >> "$res"
+        if [ $nocache = 1 ]; then
+            echo "$r $job ceiling-nocache $(CEPH_CONF=$D/c/nocache.conf fio --name="$job" --ioengine=rbd \
+                --clientname=$client --pool=rbd --rbdname=raw "${common[@]}" | fio_json)" >> "$res"
+        fi
         echo "$r $job luks2 $(luks "$rw" "$bsb" "$qd" "$secs" "$ramp")" >> "$res"
         for n in "${names[@]}"; do
             echo "$r $job $n $(fio --name="$job" --ioengine=nbd --uri="${uri[$n]}" "${common[@]}" |
@@ -164,6 +172,8 @@ for job in jobs:
         v = vals(job, p)
         return "%.0f (%s)" % (st.median(v), "/".join("%.0f" % x for x in v)) if v else "n/a"
     cells = [job, unit, m("ceiling"), m("luks2")] + [m(n) for n in names]
+    if vals(job, "ceiling-nocache"):
+        cells[2] += " / no cache " + m("ceiling-nocache")
     for n in names:
         for b in ("ceiling", "luks2"):
             rr = ratios(job, n, b)

@@ -4,7 +4,7 @@ Usage:
   aio_storm.py load URI SIZE SEED
       Writes in flight up to 64 at once (4 KiB aligned, 64 KiB, 1 MiB, and unaligned writes
       inside one 4 KiB unit: those take the volume's read-modify-write path), no two in flight
-      touching the same 4 KiB unit; reads of units not being written checked as they come
+      touching the same 4 KiB unit (nor a read); reads of those units checked as they come
       back; then FLUSH and every byte read back (up to 64 reads in flight) against the model.
   storm URI SIZE SEED STOPFILE
       Whole 4 KiB blocks only, each written with a tag (block, version); 64 requests in flight
@@ -48,7 +48,7 @@ def load(uri, size, seed):
     h.connect_uri(uri)
     assert h.get_size() == size
     model = bytearray(size)
-    busy = set()  # 4 KiB units with a write in flight
+    busy = set()  # 4 KiB units with a request in flight
     pending = {}
     checked = 0
 
@@ -57,10 +57,9 @@ def load(uri, size, seed):
         if err is not None:
             raise err
         kind, units, off, buf = info
-        if kind == "w":
-            busy.difference_update(units)
-        else:
-            got = bytes(buf)
+        busy.difference_update(units)
+        if kind == "r":
+            got = bytes(buf.to_bytearray())
             want = bytes(model[off : off + len(got)])
             assert got == want, "read at %d (%d bytes) differs" % (off, len(got))
             checked += 1
@@ -90,6 +89,7 @@ def load(uri, size, seed):
         if rnd.random() < 0.3 and n != 0:
             # a read of units nobody writes now: checked against the model
             buf = nbd.Buffer(ln)
+            busy |= units
             c = h.aio_pread(buf, off)
             pending[c] = ("r", units, off, buf)
             continue
@@ -153,7 +153,7 @@ def storm(uri, size, seed, stopfile):
             return
         stats["ok"] += 1
         if kind == "r":
-            got = bytes(buf)
+            got = bytes(buf.to_bytearray())
             vb, vv = struct.unpack("<QQ", got[:16])
             assert got == tag(vb, vv), "torn block %d" % b
             assert vb == b and vv in may[b], "block %d read (%d, %d), may be %s" % (
