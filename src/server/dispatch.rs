@@ -196,11 +196,19 @@ struct Job {
 
 impl Job {
     /// The device's callback: on its thread, only queues [`complete`](Self::complete) for the
-    /// connection's drainers on the blocking pool ([`Completions::push`]).
+    /// connection's drainers on the blocking pool ([`Completions::push`]). A request the
+    /// backend declined (called on the connection's thread) is executed on the blocking pool
+    /// like any other, not by the drainers: it may wait for a device (a `cache none` file
+    /// volume's READs at QD32), and the drainers of a connection are few.
     fn into_done(self) -> AioDone {
         Box::new(move |buf, r| {
-            let c = self.completions.clone();
-            c.push((self, buf, r));
+            if is_not_started(&r) {
+                let rt = self.completions.rt.clone();
+                rt.spawn_blocking(move || self.complete(buf, r));
+            } else {
+                let c = self.completions.clone();
+                c.push((self, buf, r));
+            }
         })
     }
 
