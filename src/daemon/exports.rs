@@ -125,6 +125,31 @@ impl Backend for VolumeBackend {
     fn writes_wait(&self) -> bool {
         self.0.writes_wait()
     }
+    fn start_read(
+        &self,
+        offset: u64,
+        buf: crate::aligned::AlignedBuf,
+        done: crate::volume::store::AioDone,
+    ) -> Result<(), (crate::aligned::AlignedBuf, crate::volume::store::AioDone)> {
+        self.0.read_start(offset, buf, done)
+    }
+    fn finish_read(&self, offset: u64, buf: &mut [u8], r: io::Result<()>) -> io::Result<()> {
+        self.check(
+            r.map_err(VolumeError::Io)
+                .and_then(|()| self.0.read_finish(offset, buf)),
+        )
+    }
+    fn start_write(
+        &self,
+        offset: u64,
+        data: crate::aligned::AlignedBuf,
+        done: crate::volume::store::AioDone,
+    ) -> Result<(), (crate::aligned::AlignedBuf, crate::volume::store::AioDone)> {
+        self.0.write_start(offset, data, done)
+    }
+    fn finish_write(&self, r: io::Result<()>) -> io::Result<()> {
+        self.check(r.map_err(VolumeError::Io))
+    }
 }
 
 /// One attached volume.

@@ -6,6 +6,8 @@ use std::io;
 use std::sync::Arc;
 
 use super::PeerIdentity;
+use crate::aligned::AlignedBuf;
+use crate::volume::store::AioDone;
 
 /// One allocation extent for `base:allocation` block status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,40 @@ pub trait Backend: Send + Sync + 'static {
     /// to the blocking pool too, not the connection's thread or the reactor.
     fn writes_wait(&self) -> bool {
         false
+    }
+    /// Starts a READ of `buf.len()` bytes at `offset` without a thread waiting for the device,
+    /// when the backend can (a volume on RBD: librbd's aio). `done` is called once, on a thread
+    /// of the device's library, with the buffer and the device's result, and must only hand
+    /// them on; [`finish_read`](Self::finish_read) then runs on a thread that may block. `Err`:
+    /// not started, everything given back ([`read`](Self::read) instead).
+    fn start_read(
+        &self,
+        _offset: u64,
+        buf: AlignedBuf,
+        done: AioDone,
+    ) -> Result<(), (AlignedBuf, AioDone)> {
+        Err((buf, done))
+    }
+    /// Completes a READ that [`start_read`](Self::start_read) started and whose device part
+    /// ended with `r`: the data as the client reads it (decrypted), or the client's error.
+    fn finish_read(&self, _offset: u64, _buf: &mut [u8], r: io::Result<()>) -> io::Result<()> {
+        r
+    }
+    /// Starts a (non-FUA) WRITE of `data` at `offset` without a thread waiting, as
+    /// [`start_read`](Self::start_read); `data` may be clobbered once started, and is
+    /// untouched when given back.
+    fn start_write(
+        &self,
+        _offset: u64,
+        data: AlignedBuf,
+        done: AioDone,
+    ) -> Result<(), (AlignedBuf, AioDone)> {
+        Err((data, done))
+    }
+    /// The client's result of a WRITE that [`start_write`](Self::start_write) started and
+    /// whose device part ended with `r`.
+    fn finish_write(&self, r: io::Result<()>) -> io::Result<()> {
+        r
     }
 }
 

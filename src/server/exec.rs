@@ -130,7 +130,7 @@ impl Reply {
     }
 }
 
-fn nbd_errno(e: &io::Error) -> u32 {
+pub(super) fn nbd_errno(e: &io::Error) -> u32 {
     match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => NBD_EPERM,
         Some(libc::ENOMEM) => NBD_ENOMEM,
@@ -151,7 +151,7 @@ pub(super) fn error_reply(to: ReplyTo, errno: u32, msg: &str) -> Reply {
     }
 }
 
-fn ok_reply(to: ReplyTo) -> Reply {
+pub(super) fn ok_reply(to: ReplyTo) -> Reply {
     let mut head = Vec::with_capacity(32);
     to.ok(&mut head);
     Reply::head(head)
@@ -326,7 +326,7 @@ fn zero_runs(buf: &[u8], offset: u64) -> Vec<Range<usize>> {
 /// The reply to a READ of `buf.len()` bytes at `offset` that ended with `r`. Structured
 /// replies report the zero stretches as holes, so the client neither receives nor (nbdcopy,
 /// `qemu-img convert`) writes them; with DF, only a READ that is all hole is sent as one.
-fn read_reply(
+pub(super) fn read_reply(
     pool: &BufPool,
     to: ReplyTo,
     offset: u64,

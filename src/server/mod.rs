@@ -11,6 +11,7 @@
 mod accept;
 pub mod backend;
 mod bufpool;
+mod dispatch;
 mod exec;
 mod identity;
 mod mem;

@@ -22,9 +22,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::backend::{ExportRegistry, OpenExport};
 use super::bufpool::BufPool;
+use super::dispatch::{Completions, dispatch};
 use super::exec::{
-    BASE_ALLOCATION_ID, Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline,
-    max_payload, request_kib, runs_inline,
+    BASE_ALLOCATION_ID, Reply, Tally, budget_kib, error_reply, execute_inline, max_payload,
+    request_kib, runs_inline,
 };
 use super::identity::PeerIdentity;
 use super::{ServerConfig, threaded};
@@ -540,6 +541,7 @@ async fn transmission(
     };
     let header_len = terms.framing.request_header_len();
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+    let completions = Completions::new(tokio::runtime::Handle::current());
     // Bytes of payload buffered per connection (requests being read, replies not yet sent).
     let budget_kib = budget_kib(cfg.max_buffer_bytes);
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
@@ -695,21 +697,21 @@ async fn transmission(
         };
         let permit =
             until_stop!(in_flight.clone().acquire_owned()).expect("semaphore never closed");
-        let backend = backend.clone();
-        let pool = pool.clone();
         let (reply_tx, stats) = (reply_tx.clone(), stats.clone());
         // The blocking pool is shared by every connection, so a blocking thread only runs
         // the backend call: when this connection's reply queue is full (a client that does
         // not read its replies), the wait for room moves to a cheap async task. Before, each
         // such wait parked a blocking thread, and ten non-reading clients took all of them.
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let reply = execute_guarded(&*backend, &pool, cmd, to, payload);
+        let rt2 = rt.clone();
+        // On a blocking-pool thread, whether the pool executed the request or librbd completed
+        // it (server/dispatch.rs).
+        let deliver = Box::new(move |reply: Reply| {
             // Counted when handed to the writer task (TLS path).
             tally.end(&stats, reply.errno);
             match reply_tx.try_send((reply, budget)) {
                 Err(mpsc::error::TrySendError::Full(item)) => {
-                    rt.spawn(async move {
+                    rt2.spawn(async move {
                         let _ = reply_tx.send(item).await;
                         drop(permit);
                     });
@@ -717,6 +719,16 @@ async fn transmission(
                 _ => drop(permit),
             }
         });
+        dispatch(
+            &rt,
+            &completions,
+            &backend,
+            &pool,
+            cmd,
+            to,
+            payload,
+            deliver,
+        );
     };
     // Let in-flight requests finish (their replies still go out), then close. (`stop` holds
     // a sender too: the writer ends once every sender is gone.)

@@ -35,6 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use super::ServerConfig;
 use super::backend::OpenExport;
 use super::bufpool::BufPool;
+use super::dispatch::{Completions, Deliver, dispatch};
 use super::exec::{
     Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline, request_kib,
     runs_inline,
@@ -181,7 +182,7 @@ struct Conn {
     /// Replies of inline requests not sent yet. Its lock is also the write lock: every send
     /// takes the queue along, so replies never interleave and none waits behind a later one.
     queued: Mutex<Vec<u8>>,
-    pool: BufPool,
+    pool: Arc<BufPool>,
     /// `true` once the connection takes no more requests (detach, shutdown, broken peer).
     stopped: watch::Sender<bool>,
 }
@@ -341,7 +342,7 @@ pub(super) async fn transmission(
     let conn = Arc::new(Conn {
         sock,
         queued: Mutex::new(Vec::with_capacity(QUEUE_MAX)),
-        pool: BufPool::default(),
+        pool: Arc::new(BufPool::default()),
         stopped: watch::Sender::new(false),
     });
     let mut detached = export.detached.clone();
@@ -445,6 +446,7 @@ fn serve_requests(
     let budget_kib = budget_kib(cfg.max_buffer_bytes);
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let write_workers = Arc::new(Semaphore::new(write_parallelism()));
+    let completions = Completions::new(rt.clone());
     let mut stop = conn.stopped.subscribe();
     let (qos, mut qos_stop) = (export.qos.clone(), conn.stopped.subscribe());
     // A permit, or `None` once the connection stops; the queue goes out before any real wait.
@@ -648,33 +650,49 @@ fn serve_requests(
             Some((w, s)) => (w, Some(s)),
             None => (None, None),
         };
-        let (conn, backend, stats) = (conn.clone(), backend.clone(), stats.clone());
-        rt.spawn_blocking(move || {
-            let reply = match slot {
-                // A read keeps its slot only while its data is in memory: one that would wait
-                // for the device gives it back first, so cold reads from a disk stay as many
-                // in flight as the client sends.
-                Some(slot) if matches!(cmd, Command::Read { .. }) => {
-                    let r = execute_inline(&*backend, &conn.pool, cmd, to, payload);
-                    drop(slot);
-                    r.unwrap_or_else(|cmd| {
-                        execute_guarded(&*backend, &conn.pool, cmd, to, AlignedBuf::default())
-                    })
-                }
-                slot => {
-                    let r = execute_guarded(&*backend, &conn.pool, cmd, to, payload);
-                    // The CPU part is done: the slot is free before the reply waits for the
-                    // client.
-                    drop(slot);
-                    r
-                }
-            };
+        let (c, stats) = (conn.clone(), stats.clone());
+        // On a blocking-pool thread, whether the pool executed the request or librbd completed
+        // it (server/dispatch.rs): the reply goes out from there.
+        let deliver: Deliver = Box::new(move |reply: Reply| {
             let errno = reply.errno;
             // A failed send abandons the connection, which stops the connection thread.
-            if conn.send(Some(reply)).is_ok() {
+            if c.send(Some(reply)).is_ok() {
                 tally.end(&stats, errno);
             }
             drop((budget, permit, cpu));
+        });
+        let Some(slot) = slot else {
+            // Not CPU work for this process (device or network I/O, FUA, FLUSH, ...).
+            dispatch(
+                rt,
+                &completions,
+                &backend,
+                &conn.pool,
+                cmd,
+                to,
+                payload,
+                deliver,
+            );
+            continue;
+        };
+        let (backend, pool) = (backend.clone(), conn.pool.clone());
+        rt.spawn_blocking(move || {
+            let reply = if matches!(cmd, Command::Read { .. }) {
+                // A read keeps its slot only while its data is in memory: one that would wait
+                // for the device gives it back first, so cold reads from a disk stay as many
+                // in flight as the client sends.
+                let r = execute_inline(&*backend, &pool, cmd, to, payload);
+                drop(slot);
+                r.unwrap_or_else(|cmd| {
+                    execute_guarded(&*backend, &pool, cmd, to, AlignedBuf::default())
+                })
+            } else {
+                let r = execute_guarded(&*backend, &pool, cmd, to, payload);
+                // The CPU part is done: the slot is free before the reply waits for the client.
+                drop(slot);
+                r
+            };
+            deliver(reply);
         });
     };
     // Requests in flight finish (their replies still go out), then the queue, then close.

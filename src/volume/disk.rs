@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use super::VolumeError;
 use super::cipher::{Backend, SectorCipher, UnitSize, XtsKey, wipe};
@@ -23,12 +23,13 @@ use super::direct::CacheMode;
 use super::header::{COPY_OFFSETS, HEADER_COPY_LEN, VolumeHeader};
 use super::reencrypt::{Keys, Migration};
 use super::store::{BlockStore, FileStore};
+use super::stripe::{StripeGuard, StripeLock};
 use crate::aligned::AlignedBuf;
 use crate::zeroes::is_zero;
 
-const STRIPES: usize = 256;
+pub(super) const STRIPES: usize = 256;
 /// Largest single transfer: larger requests are processed in pieces of this size.
-const CHUNK: usize = 1 << 20;
+pub(super) const CHUNK: usize = 1 << 20;
 
 /// Whole units are decrypted after `pread` and encrypted before `pwrite` in pieces of this size
 /// on a page-cache store: the piece just copied is still in the core's L2 (1 MiB here) when the
@@ -46,12 +47,13 @@ pub struct Volume {
     header: VolumeHeader,
     pub(super) unit: u64,
     /// What a stripe lock covers: a unit, or the store's direct-I/O block when larger.
-    granule: u64,
+    pub(super) granule: u64,
     pub(super) read_only: bool,
     /// The header's encrypt-zeroes flag: zero plaintext is stored encrypted, and a stored
     /// all-zero unit reads as zeros only where the store has a hole.
     pub(super) encrypt_zeroes: bool,
-    pub(super) stripes: Vec<RwLock<()>>,
+    /// Released on any thread: an aio write holds its stripes until librbd calls back.
+    pub(super) stripes: Arc<[StripeLock]>,
     /// A copy-path snapshot in the making: writes copy old data out first (`snapshot.rs`).
     cow: super::snapshot::CowSlot,
     /// Set once an online re-encryption runs on this volume (`super::reencrypt`): from then
@@ -218,7 +220,7 @@ impl Volume {
             encrypt_zeroes: header.encrypt_zeroes(),
             header,
             read_only,
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| StripeLock::default()).collect(),
             cow: Default::default(),
             mig_on: AtomicBool::new(mig.is_some()),
             mig: RwLock::new(mig),
@@ -244,7 +246,7 @@ impl Volume {
         self.read_only
     }
 
-    fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), VolumeError> {
+    pub(super) fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), VolumeError> {
         if write && self.read_only {
             return Err(VolumeError::ReadOnly);
         }
@@ -265,7 +267,7 @@ impl Volume {
         (p / self.unit as usize).max(1) * self.unit as usize
     }
 
-    fn pos(&self, offset: u64) -> u64 {
+    pub(super) fn pos(&self, offset: u64) -> u64 {
         self.header.data_offset + offset
     }
 
@@ -523,7 +525,7 @@ impl Volume {
     /// and reads as zeros. Encrypt-zeroes: it reads as zeros only where the store has a hole
     /// (never written, TRIM, WRITE_ZEROES); zero bytes written into allocated space are
     /// decrypted like any other ciphertext (and so read as noise, not as chosen zeros).
-    fn decrypt_units(
+    pub(super) fn decrypt_units(
         &self,
         keys: Keys<'_>,
         first: u64,
@@ -584,7 +586,7 @@ impl Volume {
 
     /// Encrypts whole units in place; thin (default): an all-zero plaintext unit is stored as
     /// zeros; encrypt-zeroes: every unit is encrypted.
-    fn encrypt_units(&self, k: Keys<'_>, first: u64, data: &mut [u8]) {
+    pub(super) fn encrypt_units(&self, k: Keys<'_>, first: u64, data: &mut [u8]) {
         if self.encrypt_zeroes {
             k.encrypt(first, data);
         } else {
@@ -614,11 +616,7 @@ impl Volume {
     /// Runs `f` with every stripe lock held exclusively: no write is in flight and none
     /// starts until `f` returns (reads go on). A snapshot's point in time.
     pub fn quiesce<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _all: Vec<_> = self
-            .stripes
-            .iter()
-            .map(|s| s.write().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+        let _all: Vec<_> = self.stripes.iter().map(|s| s.write()).collect();
         f()
     }
 
@@ -647,9 +645,9 @@ impl Volume {
         }
         let take = |i: usize| {
             if exclusive.contains(&i) {
-                StripeGuard::Exclusive(self.stripes[i].write().unwrap_or_else(|e| e.into_inner()))
+                self.stripes[i].write()
             } else {
-                StripeGuard::Shared(self.stripes[i].read().unwrap_or_else(|e| e.into_inner()))
+                self.stripes[i].read()
             }
         };
         if last - first + 1 >= STRIPES as u64 {
@@ -660,12 +658,6 @@ impl Volume {
         idx.dedup();
         idx.into_iter().map(take).collect()
     }
-}
-
-/// A held stripe lock (released on drop).
-enum StripeGuard<'a> {
-    Shared(#[allow(dead_code)] RwLockReadGuard<'a, ()>),
-    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
 }
 
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {

@@ -9,6 +9,7 @@
 //! ```
 //! Knows nothing of NBD or of the key manager: it takes an unwrapped [`XtsKey`].
 
+mod aio;
 mod awslc;
 pub mod cipher;
 mod direct;
@@ -20,6 +21,7 @@ pub mod reencrypt;
 pub mod snapshot;
 mod soft;
 pub mod store;
+mod stripe;
 
 use std::io;
 

@@ -270,8 +270,8 @@ impl Volume {
         });
         self.mig_on.store(true, Ordering::SeqCst);
         // A write that checked the gate before it was on holds its stripes until it is done.
-        for s in &self.stripes {
-            drop(s.write().unwrap_or_else(|e| e.into_inner()));
+        for s in self.stripes.iter() {
+            drop(s.write());
         }
         Ok(h)
     }

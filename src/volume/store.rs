@@ -10,6 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::direct::{self, CacheMode, DirectError};
 
+/// What a store calls when an I/O started without waiting ([`BlockStore::read_at_async`],
+/// [`BlockStore::write_at_async`]) is done: its buffer back, and the result. Called once, on a
+/// thread of the store's library (librbd's), so it must only hand the work on: no I/O, no
+/// cryptography, nothing that may block or panic.
+pub type AioDone = Box<dyn FnOnce(crate::aligned::AlignedBuf, io::Result<()>) + Send>;
+
 #[allow(
     clippy::len_without_is_empty,
     reason = "a store is never empty: it holds the headers"
@@ -25,6 +31,28 @@ pub trait BlockStore: Send + Sync {
     }
     /// Writes all of `buf` at `offset`, extending the store if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Starts filling `buf` from `offset` without a thread waiting for the device, where the
+    /// store can (RBD: librbd's aio) and the range lies within the store; `done` is called
+    /// once it is in ([`AioDone`]). `Err` gives both back, nothing started: use
+    /// [`read_at`](Self::read_at). The buffer stays the store's until `done`.
+    fn read_at_async(
+        &self,
+        buf: crate::aligned::AlignedBuf,
+        _offset: u64,
+        done: AioDone,
+    ) -> Result<(), (crate::aligned::AlignedBuf, AioDone)> {
+        Err((buf, done))
+    }
+    /// Starts writing `buf` at `offset` without a thread waiting, as
+    /// [`read_at_async`](Self::read_at_async) (never extends the store).
+    fn write_at_async(
+        &self,
+        buf: crate::aligned::AlignedBuf,
+        _offset: u64,
+        done: AioDone,
+    ) -> Result<(), (crate::aligned::AlignedBuf, AioDone)> {
+        Err((buf, done))
+    }
     /// Everything written before this call is durable when it returns.
     fn sync(&self) -> io::Result<()>;
     /// The range reads as zeros afterwards and, where possible, frees its space.
@@ -74,6 +102,22 @@ impl<T: BlockStore + ?Sized> BlockStore for std::sync::Arc<T> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
+    }
+    fn read_at_async(
+        &self,
+        buf: crate::aligned::AlignedBuf,
+        offset: u64,
+        done: AioDone,
+    ) -> Result<(), (crate::aligned::AlignedBuf, AioDone)> {
+        (**self).read_at_async(buf, offset, done)
+    }
+    fn write_at_async(
+        &self,
+        buf: crate::aligned::AlignedBuf,
+        offset: u64,
+        done: AioDone,
+    ) -> Result<(), (crate::aligned::AlignedBuf, AioDone)> {
+        (**self).write_at_async(buf, offset, done)
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()

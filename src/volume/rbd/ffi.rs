@@ -43,6 +43,12 @@ pub struct rbd_snap_info_t {
     pub name: *const c_char,
 }
 
+/// `typedef void *rbd_completion_t;`
+pub type rbd_completion_t = *mut c_void;
+/// `typedef void (*rbd_callback_t)(rbd_completion_t cb, void *arg);`: called once per
+/// completion, on one of librbd's threads (Pacific: its API strand, one callback at a time).
+pub type rbd_callback_t = unsafe extern "C" fn(rbd_completion_t, *mut c_void);
+
 /// `int (*cb)(uint64_t, size_t, int, void *)` of `rbd_diff_iterate2`: offset, length,
 /// exists (1 data, 0 hole), the caller's argument; a negative return stops the iteration.
 pub type rbd_diff_cb = unsafe extern "C" fn(u64, size_t, c_int, *mut c_void) -> c_int;
@@ -200,6 +206,37 @@ unsafe extern "C" {
         buf: *const c_char,
         op_flags: c_int,
     ) -> ssize_t;
+    // int rbd_aio_create_completion(void *cb_arg, rbd_callback_t complete_cb,
+    //                               rbd_completion_t *c);
+    pub fn rbd_aio_create_completion(
+        cb_arg: *mut c_void,
+        complete_cb: rbd_callback_t,
+        c: *mut rbd_completion_t,
+    ) -> c_int;
+    // ssize_t rbd_aio_get_return_value(rbd_completion_t c);
+    pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> ssize_t;
+    // void rbd_aio_release(rbd_completion_t c);
+    pub fn rbd_aio_release(c: rbd_completion_t);
+    // int rbd_aio_read2(rbd_image_t image, uint64_t off, size_t len, char *buf,
+    //                   rbd_completion_t c, int op_flags);
+    pub fn rbd_aio_read2(
+        image: rbd_image_t,
+        off: u64,
+        len: size_t,
+        buf: *mut c_char,
+        c: rbd_completion_t,
+        op_flags: c_int,
+    ) -> c_int;
+    // int rbd_aio_write2(rbd_image_t image, uint64_t off, size_t len, const char *buf,
+    //                    rbd_completion_t c, int op_flags);
+    pub fn rbd_aio_write2(
+        image: rbd_image_t,
+        off: u64,
+        len: size_t,
+        buf: *const c_char,
+        c: rbd_completion_t,
+        op_flags: c_int,
+    ) -> c_int;
     // int rbd_discard(rbd_image_t image, uint64_t ofs, uint64_t len);
     pub fn rbd_discard(image: rbd_image_t, ofs: u64, len: u64) -> c_int;
     // ssize_t rbd_write_zeroes(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags,

@@ -1,10 +1,12 @@
-//! [`RbdStore`]: the [`BlockStore`] over one RBD image, with librbd's synchronous calls (the
-//! caller's thread waits for the OSDs, like a `pread` on a file store).
+//! [`RbdStore`]: the [`BlockStore`] over one RBD image: librbd's synchronous calls (the
+//! caller's thread waits for the OSDs, like a `pread` on a file store), and its asynchronous
+//! ones for the server's READs and WRITEs ([`super::aio`]: no thread waits).
 
 use std::io;
 
 use super::Image;
-use crate::volume::store::BlockStore;
+use crate::aligned::AlignedBuf;
+use crate::volume::store::{AioDone, BlockStore};
 
 /// A volume's bytes in an RBD image: offset for offset, the same layout as a volume file.
 pub struct RbdStore {
@@ -22,6 +24,14 @@ impl RbdStore {
 
     pub fn into_image(self) -> Image {
         self.image
+    }
+
+    /// Whether `[offset, offset + len)` lies within the image (false on any error).
+    fn within(&self, offset: u64, len: usize) -> bool {
+        match (self.image.size(), offset.checked_add(len as u64)) {
+            (Ok(size), Some(end)) => end <= size,
+            _ => false,
+        }
     }
 }
 
@@ -58,6 +68,32 @@ impl BlockStore for RbdStore {
             self.image.resize(end)?;
         }
         self.image.write(buf, offset)
+    }
+
+    fn read_at_async(
+        &self,
+        buf: AlignedBuf,
+        offset: u64,
+        done: AioDone,
+    ) -> Result<(), (AlignedBuf, AioDone)> {
+        // Only within the image (past its end reads zeros: read_at's job).
+        match self.within(offset, buf.len()) {
+            true => self.image.aio_read(buf, offset, done),
+            false => Err((buf, done)),
+        }
+    }
+
+    fn write_at_async(
+        &self,
+        buf: AlignedBuf,
+        offset: u64,
+        done: AioDone,
+    ) -> Result<(), (AlignedBuf, AioDone)> {
+        // Only within the image (a write past its end grows it first: write_at's job).
+        match self.within(offset, buf.len()) {
+            true => self.image.aio_write(buf, offset, done),
+            false => Err((buf, done)),
+        }
     }
 
     fn sync(&self) -> io::Result<()> {

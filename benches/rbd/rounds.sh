@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# cryptvol on RBD against its ceilings, interleaved: every round runs every job on every peer
+# back to back (the ceiling, librbd LUKS2, then each cryptvol binary), so that the load of
+# the shared 2-vCPU machine moves all of them alike; medians over the rounds at the end.
+# Not a test. One micro cluster (tests/ceph/micro-ceph.sh: one memstore OSD) for all.
+#
+#   ceiling   fio --ioengine=rbd straight into librbd (async, no NBD, unencrypted)
+#   luks2     librbd's own LUKS2 (AES-256) through librbd's async API (luks_peer.c, no NBD)
+#   NAME      `cryptvol serve` (BIN) with the volume on RBD, fio's nbd engine over its Unix
+#             socket; several --cryptvol NAME=BIN for an A/B of two builds
+#
+#   benches/rbd/rounds.sh [--rounds 3] [--size 1024] [--seconds 6] [--ramp 2]
+#       [--jobs "randread randwrite seqread seqwrite"] [--cryptvol NAME=BIN]...
+#       [--hold]   (after setup: print how to reach everything and wait for Enter; profiling)
+#       [--nocache] (also the ceiling with rbd_cache = false, as cryptvol runs librbd: shows
+#                   what librbd's default cache (writearound) gives the ceiling)
+#
+# Jobs: seqread/seqwrite = 1 MiB QD8, randread/randwrite = 4 KiB QD32 (as peers.sh).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+rounds=3; mb=1024; secs=6; ramp=2; jobs="randread randwrite seqread seqwrite"; hold=0; nocache=0
+variants=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rounds) rounds=$2; shift ;;
+        --size) mb=$2; shift ;;
+        --seconds) secs=$2; shift ;;
+        --ramp) ramp=$2; shift ;;
+        --jobs) jobs=$2; shift ;;
+        --cryptvol) variants+=("$2"); shift ;;
+        --hold) hold=1 ;;
+        --nocache) nocache=1 ;;
+        *) sed -n '2,17p' "$0"; exit 2 ;;
+    esac
+    shift
+done
+[ ${#variants[@]} -gt 0 ] || variants=("cryptvol=$repo/target/release/cryptvol")
+for t in fio rbd ceph-mon ceph-osd cc; do
+    command -v "$t" >/dev/null || { echo "rounds.sh: $t is not installed" >&2; exit 2; }
+done
+bytes=$((mb << 20))
+log() { echo "[rbd-rounds $(date -u +%H:%M:%S)] $*" >&2; }
+
+D=$(mktemp -d /tmp/cv-rbdrounds.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    "$repo/tests/ceph/micro-ceph.sh" stop "$D/c" >/dev/null 2>&1 || true
+    rm -rf "$D"
+}
+trap cleanup EXIT
+cc -O2 -o "$D/luks_peer" "$here/luks_peer.c" -lrbd -lrados
+MEMSTORE_BYTES=$(( ((2 + ${#variants[@]}) * mb * 5 / 2 << 20) + (2 << 30) )) \
+    "$repo/tests/ceph/micro-ceph.sh" start "$D/c" >/dev/null
+export CEPH_CONF=$D/c/ceph.conf
+unset CEPH_ARGS
+client=cryptvol-a
+pass=rounds-bench-passphrase
+luks() { "$D/luks_peer" "$CEPH_CONF" "$client" rbd luks "$pass" "$@"; }
+fio_json() { /usr/bin/python3 -c 'import json,sys
+t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]
+print("%.1f %.0f" % (d["bw_bytes"]/2**20, d["iops"]))'; }
+
+log "cluster up; images of ${mb} MiB, filling"
+rbd --id $client create --size "${mb}M" raw
+fio --name=fill --ioengine=rbd --clientname=$client --pool=rbd --rbdname=raw --rw=write \
+    --bs=1M --iodepth=8 --size="$bytes" --output-format=terse >/dev/null
+rbd --id $client create --size "$((mb + 16))M" luks # + the LUKS2 header area
+luks format
+luks fill $((1 << 20)) 8 0 0 >/dev/null
+
+# One daemon per cryptvol binary, each with its own state and its own volume (image v-NAME).
+declare -A uri
+names=()
+for v in "${variants[@]}"; do
+    name=${v%%=*} bin=${v#*=}
+    [ -x "$bin" ] || { echo "rounds.sh: no binary $bin" >&2; exit 2; }
+    st=$D/$name
+    mkdir -p "$st"
+    cp "$bin" "$st/cryptvol" # the build may change under us while we run
+    "$st/cryptvol" init --state-dir "$st/state" >/dev/null
+    cat > "$st/cryptvol.toml" <<EOF
+state_dir = "$st/state"
+[control]
+socket = "$st/control.sock"
+[nbd]
+unix_socket = "$st/nbd.sock"
+[kms]
+root_key_file = "$st/state/root.key"
+[ceph]
+conf = "$CEPH_CONF"
+client = "$client"
+keyring = "$D/c/client.$client.keyring"
+pool = "rbd"
+EOF
+    "$st/cryptvol" serve --config "$st/cryptvol.toml" > "$st/log" 2>&1 &
+    pids+=($!)
+    cv() { "$st/cryptvol" --socket "$st/control.sock" "$@"; }
+    for _ in $(seq 1 200); do cv volume list >/dev/null 2>&1 && break; sleep 0.05; done
+    cv key create --alias bench >/dev/null
+    cv volume create "v-$name" --size "${mb}M" --key bench --store rbd >/dev/null
+    cv volume attach "v-$name" >/dev/null
+    uri[$name]="nbd+unix:///v-$name?socket=$st/nbd.sock"
+    fio --name=fill --ioengine=nbd --uri="${uri[$name]}" --rw=write --bs=1M --iodepth=8 \
+        --size="$bytes" --output-format=terse >/dev/null
+    names+=("$name")
+done
+
+if [ $hold = 1 ]; then
+    echo "CEPH_CONF=$CEPH_CONF client=$client images: raw luks"
+    for n in "${names[@]}"; do echo "$n: pid $(pgrep -f "$D/$n/cryptvol serve") uri ${uri[$n]}"; done
+    echo "luks peer: $D/luks_peer $CEPH_CONF $client rbd luks $pass RW BS QD SECS RAMP"
+    read -r -p "Enter ends the run " _
+    exit 0
+fi
+
+res=$D/results # lines: round job peer mibs iops
+{ cat "$CEPH_CONF"; printf '\nrbd cache = false\n'; } > "$D/c/nocache.conf" # [client] is the conf's last section
+: > "$res"
+log "load at start: $(uptime)"
+for r in $(seq 1 "$rounds"); do
+    for job in $jobs; do
+        case $job in
+            seqread) rw=read bs=1M qd=8 ;; seqwrite) rw=write bs=1M qd=8 ;;
+            randread) rw=randread bs=4k qd=32 ;; randwrite) rw=randwrite bs=4k qd=32 ;;
+            *) echo "rounds.sh: unknown job $job" >&2; exit 2 ;;
+        esac
+        bsb=$(( ${bs%[Mk]} << $([ "${bs: -1}" = M ] && echo 20 || echo 10) ))
+        common=(--rw="$rw" --bs="$bs" --iodepth="$qd" --size="$bytes" --time_based
+                --ramp_time="$ramp" --runtime="$secs" --randrepeat=0 --norandommap
+                --output-format=json)
+        echo "$r $job ceiling $(fio --name="$job" --ioengine=rbd --clientname=$client --pool=rbd \
+            --rbdname=raw "${common[@]}" | fio_json)" >> "$res"
+        if [ $nocache = 1 ]; then
+            echo "$r $job ceiling-nocache $(CEPH_CONF=$D/c/nocache.conf fio --name="$job" --ioengine=rbd \
+                --clientname=$client --pool=rbd --rbdname=raw "${common[@]}" | fio_json)" >> "$res"
+        fi
+        echo "$r $job luks2 $(luks "$rw" "$bsb" "$qd" "$secs" "$ramp")" >> "$res"
+        for n in "${names[@]}"; do
+            echo "$r $job $n $(fio --name="$job" --ioengine=nbd --uri="${uri[$n]}" "${common[@]}" |
+                fio_json)" >> "$res"
+        done
+        log "round $r $job: $(grep "^$r $job " "$res" | awk '{printf "%s=%s ", $3, ($2 ~ /^seq/ ? $4 : $5)}')"
+    done
+done
+log "load at end: $(uptime)"
+/usr/bin/python3 - "$res" "${names[@]}" <<'PY'
+import sys, statistics as st
+rows = [l.split() for l in open(sys.argv[1])]
+names = sys.argv[2:]
+jobs = []
+for r in rows:
+    if r[1] not in jobs:
+        jobs.append(r[1])
+def vals(job, peer):
+    return [float(r[3] if job.startswith("seq") else r[4]) for r in rows if r[1] == job and r[2] == peer]
+def ratios(job, a, b):
+    # per round, then the median: the peers of one round ran under the same load
+    rs = {}
+    for r in rows:
+        if r[1] == job and r[2] in (a, b):
+            rs.setdefault(r[0], {})[r[2]] = float(r[3] if job.startswith("seq") else r[4])
+    return [d[a] / d[b] for d in rs.values() if a in d and b in d and d[b] > 0]
+print("| job | unit | ceiling | librbd LUKS2 | " + " | ".join(names) + " | " +
+      " | ".join(f"{n} ÷ ceiling | {n} ÷ LUKS2" for n in names) + " |")
+print("|" + "---|" * (4 + 3 * len(names)))
+for job in jobs:
+    unit = "MiB/s" if job.startswith("seq") else "IOPS"
+    def m(p):
+        v = vals(job, p)
+        return "%.0f (%s)" % (st.median(v), "/".join("%.0f" % x for x in v)) if v else "n/a"
+    cells = [job, unit, m("ceiling"), m("luks2")] + [m(n) for n in names]
+    if vals(job, "ceiling-nocache"):
+        cells[2] += " / no cache " + m("ceiling-nocache")
+    for n in names:
+        for b in ("ceiling", "luks2"):
+            rr = ratios(job, n, b)
+            cells.append("%.2f" % st.median(rr) if rr else "n/a")
+    print("| " + " | ".join(cells) + " |")
+PY
