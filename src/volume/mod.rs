@@ -20,6 +20,7 @@ pub mod reencrypt;
 pub mod snapshot;
 mod soft;
 pub mod store;
+mod xts_batch;
 
 use std::io;
 
