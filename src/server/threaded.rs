@@ -426,7 +426,7 @@ fn serve_requests(
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let write_workers = Arc::new(Semaphore::new(write_parallelism()));
     let mut stop = conn.stopped.subscribe();
-    let (qos, mut qos_stop) = (export.qos.clone(), conn.stopped.subscribe());
+    let qos = export.qos.clone();
     // A permit, or `None` once the connection stops; the queue goes out before any real wait.
     let mut acquire = |sem: &Arc<Semaphore>, n: u32| -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = sem.clone().try_acquire_many_owned(n) {
@@ -517,7 +517,15 @@ fn serve_requests(
             if let Err(e) = conn.flush() {
                 break Err(e);
             }
-            if !rt.block_on(q.wait_unless(ticket, &mut qos_stop)) {
+            // This thread sleeps itself (qos.rs, `wait_blocking`: paced, one wake-up).
+            static OLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let old = *OLD.get_or_init(|| std::env::var_os("CV_QOS_OLD").is_some());
+            if old {
+                let mut qs = conn.stopped.subscribe();
+                if !rt.block_on(q.wait_unless(ticket, &mut qs)) {
+                    break Ok(());
+                }
+            } else if !q.wait_blocking(ticket, || conn.stopping()) {
                 break Ok(());
             }
         }

@@ -40,6 +40,10 @@ const XTS_CTX_LEN: usize = 2 * 248 + 32 + 8;
 /// union with a double (248), the block function and the stream function pointers.
 const ECB_CTX_LEN: usize = 248 + 8 + 8;
 
+/// Fewer units than this in one call take the native per-unit path even when the size is
+/// batched: a lone unit pays the K2 ECB call and two XOR passes for nothing to amortise.
+const MIN_BATCH_UNITS: usize = 2;
+
 /// Unit sizes served by the batched path (see the module doc for the measurement).
 fn batched(unit: UnitSize) -> bool {
     unit == UnitSize::B512
@@ -195,7 +199,7 @@ impl CtxSet {
     }
 
     fn run(&mut self, first_unit: u64, unit: UnitSize, data: &mut [u8], offsets: &Offsets) {
-        if !batched(unit) {
+        if !batched(unit) || data.len() < MIN_BATCH_UNITS * unit.bytes() {
             for (k, chunk) in data.chunks_exact_mut(unit.bytes()).enumerate() {
                 self.xts
                     .xts_unit(&plain64_iv(first_unit.wrapping_add(k as u64)), chunk);

@@ -172,44 +172,7 @@ fn run_with(
 /// are in flight (one chain alone is latency-bound: each step needs the previous one).
 #[cfg(target_arch = "x86_64")]
 fn expand_xor(t0: &[[u8; 16]], nb: usize, data: &mut [[u8; 16]], tweaks: &mut [[u8; 16]]) {
-    use core::arch::x86_64::{
-        __m128i, _mm_add_epi64, _mm_and_si128, _mm_loadu_si128, _mm_set_epi32, _mm_shuffle_epi32,
-        _mm_srai_epi32, _mm_storeu_si128, _mm_xor_si128,
-    };
-    // SSE2 is part of the x86_64 baseline: these intrinsics exist on every x86_64 CPU; they
-    // are `unsafe` only because the compiler does not treat the baseline as a target feature.
-    #[inline(always)]
-    fn mul_x(t: __m128i) -> __m128i {
-        // Each 64-bit lane shifted left by one; the bits that fall out (63, 127) come back as
-        // 1 into bit 64 and as 0x87 into bits 0..8 (the reduction polynomial).
-        // SAFETY: SSE2 register-only operations (x86_64 baseline).
-        unsafe {
-            let signs = _mm_srai_epi32(t, 31);
-            let carry = _mm_and_si128(_mm_shuffle_epi32(signs, 0x13), _mm_set_epi32(0, 1, 0, 0x87));
-            _mm_xor_si128(_mm_add_epi64(t, t), carry)
-        }
-    }
-    #[inline(always)]
-    fn xor(a: __m128i, b: __m128i) -> __m128i {
-        // SAFETY: SSE2 register-only operation (x86_64 baseline).
-        unsafe { _mm_xor_si128(a, b) }
-    }
-    #[inline(always)]
-    fn load(b: &[u8; 16]) -> __m128i {
-        // SAFETY: `b` is 16 readable bytes; loadu has no alignment requirement; SSE2 baseline.
-        unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
-    }
-    /// `*b ^= t`.
-    #[inline(always)]
-    fn xor_in(b: &mut [u8; 16], t: __m128i) {
-        let v = xor(load(b), t);
-        store(b, v);
-    }
-    #[inline(always)]
-    fn store(b: &mut [u8; 16], v: __m128i) {
-        // SAFETY: `b` is 16 writable bytes; storeu has no alignment requirement; SSE2 baseline.
-        unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), v) }
-    }
+    use sse::{load, mul_x, store, xor_in};
     debug_assert!(data.len() == t0.len() * nb && tweaks.len() == data.len());
     let mut units = data
         .chunks_exact_mut(nb)
@@ -276,10 +239,55 @@ fn expand_xor(t0: &[[u8; 16]], nb: usize, data: &mut [[u8; 16]], tweaks: &mut [[
     }
 }
 
-/// XORs each block with its tweak; byte loops over 16-byte arrays vectorise to one SIMD XOR.
+#[cfg(target_arch = "x86_64")]
+mod sse {
+    use core::arch::x86_64::{
+        __m128i, _mm_add_epi64, _mm_and_si128, _mm_loadu_si128, _mm_set_epi32, _mm_shuffle_epi32,
+        _mm_srai_epi32, _mm_storeu_si128, _mm_xor_si128,
+    };
+    // SSE2 is part of the x86_64 baseline: these intrinsics exist on every x86_64 CPU; they
+    // are `unsafe` only because the compiler does not treat the baseline as a target feature.
+    #[inline(always)]
+    pub(super) fn mul_x(t: __m128i) -> __m128i {
+        // Each 64-bit lane shifted left by one; the bits that fall out (63, 127) come back as
+        // 1 into bit 64 and as 0x87 into bits 0..8 (the reduction polynomial).
+        // SAFETY: SSE2 register-only operations (x86_64 baseline).
+        unsafe {
+            let signs = _mm_srai_epi32(t, 31);
+            let carry = _mm_and_si128(_mm_shuffle_epi32(signs, 0x13), _mm_set_epi32(0, 1, 0, 0x87));
+            _mm_xor_si128(_mm_add_epi64(t, t), carry)
+        }
+    }
+    #[inline(always)]
+    pub(super) fn xor(a: __m128i, b: __m128i) -> __m128i {
+        // SAFETY: SSE2 register-only operation (x86_64 baseline).
+        unsafe { _mm_xor_si128(a, b) }
+    }
+    #[inline(always)]
+    pub(super) fn load(b: &[u8; 16]) -> __m128i {
+        // SAFETY: `b` is 16 readable bytes; loadu has no alignment requirement; SSE2 baseline.
+        unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+    }
+    /// `*b ^= t`.
+    #[inline(always)]
+    pub(super) fn xor_in(b: &mut [u8; 16], t: __m128i) {
+        let v = xor(load(b), t);
+        store(b, v);
+    }
+    #[inline(always)]
+    pub(super) fn store(b: &mut [u8; 16], v: __m128i) {
+        // SAFETY: `b` is 16 writable bytes; storeu has no alignment requirement; SSE2 baseline.
+        unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), v) }
+    }
+}
+
+/// XORs each block with its tweak (one SSE2 XOR per block on x86_64).
 #[inline(always)]
 fn xor_into(blocks: &mut [[u8; 16]], tweaks: &[[u8; 16]]) {
     for (b, t) in blocks.iter_mut().zip(tweaks) {
+        #[cfg(target_arch = "x86_64")]
+        sse::xor_in(b, sse::load(t));
+        #[cfg(not(target_arch = "x86_64"))]
         for (x, y) in b.iter_mut().zip(t) {
             *x ^= y;
         }
