@@ -24,7 +24,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::nbd::transmission::Command;
 
@@ -257,15 +257,6 @@ impl Qos {
                 return true;
             }
             std::thread::sleep(left.min(WAIT_SLICE));
-        }
-    }
-
-    /// [`wait`](Self::wait), or `false` as soon as `stop` holds `true` (the connection stops).
-    pub(super) async fn wait_unless(&self, t: Ticket, stop: &mut watch::Receiver<bool>) -> bool {
-        tokio::select! {
-            biased;
-            _ = super::session::wait_true(stop) => false,
-            _ = self.wait(t) => true,
         }
     }
 }

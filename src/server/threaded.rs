@@ -518,14 +518,7 @@ fn serve_requests(
                 break Err(e);
             }
             // This thread sleeps itself (qos.rs, `wait_blocking`: paced, one wake-up).
-            static OLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            let old = *OLD.get_or_init(|| std::env::var_os("CV_QOS_OLD").is_some());
-            if old {
-                let mut qs = conn.stopped.subscribe();
-                if !rt.block_on(q.wait_unless(ticket, &mut qs)) {
-                    break Ok(());
-                }
-            } else if !q.wait_blocking(ticket, || conn.stopping()) {
+            if !q.wait_blocking(ticket, || conn.stopping()) {
                 break Ok(());
             }
         }

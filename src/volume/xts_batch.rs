@@ -24,7 +24,7 @@ use super::cipher::{UnitSize, plain64_iv};
 
 /// Bytes per chunk: tweaks (one 16-byte block per data block) plus data stay inside L1/L2.
 /// 16 KiB measured best of 4/8/16/32 KiB here (docs/benchmarks.md, "Sector cipher").
-pub(crate) const CHUNK_BYTES: usize = 16 * 1024;
+pub(crate) const CHUNK_BYTES: usize = 8 * 1024;
 const CHUNK_BLOCKS: usize = CHUNK_BYTES / 16;
 /// Units in a chunk at the smallest unit size.
 pub(crate) const MAX_UNITS: usize = CHUNK_BYTES / 512;
@@ -167,23 +167,23 @@ fn run_with(
     }
 }
 
+/// One unit's data blocks, its tweak slots, its initial tweak.
+#[cfg(target_arch = "x86_64")]
+type UnitSlices<'a> = ((&'a mut [[u8; 16]], &'a mut [[u8; 16]]), &'a [u8; 16]);
+
 /// For each unit u (blocks `u*nb ..`): its tweak chain from `t0[u]`, XORed into `data` and
 /// stored in `tweaks` for the second XOR. Four units at a time, so four independent chains
 /// are in flight (one chain alone is latency-bound: each step needs the previous one).
 #[cfg(target_arch = "x86_64")]
 fn expand_xor(t0: &[[u8; 16]], nb: usize, data: &mut [[u8; 16]], tweaks: &mut [[u8; 16]]) {
-    use sse::{load, mul_x, store, xor_in};
+    use sse::{load, mul_x, mul_x4, store, xor_in};
     debug_assert!(data.len() == t0.len() * nb && tweaks.len() == data.len());
     let mut units = data
         .chunks_exact_mut(nb)
         .zip(tweaks.chunks_exact_mut(nb))
         .zip(t0);
     loop {
-        let mut group: [Option<((&mut [[u8; 16]], &mut [[u8; 16]]), &[u8; 16])>; 4] =
-            [None, None, None, None];
-        for g in group.iter_mut() {
-            *g = units.next();
-        }
+        let group: [Option<UnitSlices<'_>>; 4] = std::array::from_fn(|_| units.next());
         match group {
             [
                 Some(((d0, w0), a)),
@@ -205,13 +205,17 @@ fn expand_xor(t0: &[[u8; 16]], nb: usize, data: &mut [[u8; 16]], tweaks: &mut [[
                 }
             }
             rest => {
-                // Fewer than four units left: one chain at a time.
+                // Fewer than four units left: each unit's chain split in four (blocks j, j+1,
+                // j+2, j+3 stepped by x^4), again four chains in flight.
                 for ((d, w), a) in rest.into_iter().flatten() {
-                    let mut t = load(a);
-                    for (db, wb) in d.iter_mut().zip(w.iter_mut()) {
-                        xor_in(db, t);
-                        store(wb, t);
-                        t = mul_x(t);
+                    let t = load(a);
+                    let mut q = [t, mul_x(t), mul_x(mul_x(t)), mul_x(mul_x(mul_x(t)))];
+                    for (d4, w4) in d.chunks_exact_mut(4).zip(w.chunks_exact_mut(4)) {
+                        for ((db, wb), qk) in d4.iter_mut().zip(w4.iter_mut()).zip(q.iter_mut()) {
+                            xor_in(db, *qk);
+                            store(wb, *qk);
+                            *qk = mul_x4(*qk);
+                        }
                     }
                 }
                 return;
@@ -242,8 +246,9 @@ fn expand_xor(t0: &[[u8; 16]], nb: usize, data: &mut [[u8; 16]], tweaks: &mut [[
 #[cfg(target_arch = "x86_64")]
 mod sse {
     use core::arch::x86_64::{
-        __m128i, _mm_add_epi64, _mm_and_si128, _mm_loadu_si128, _mm_set_epi32, _mm_shuffle_epi32,
-        _mm_srai_epi32, _mm_storeu_si128, _mm_xor_si128,
+        __m128i, _mm_add_epi64, _mm_and_si128, _mm_loadu_si128, _mm_set_epi32, _mm_set_epi64x,
+        _mm_shuffle_epi32, _mm_slli_epi64, _mm_srai_epi32, _mm_srli_epi64, _mm_storeu_si128,
+        _mm_xor_si128,
     };
     // SSE2 is part of the x86_64 baseline: these intrinsics exist on every x86_64 CPU; they
     // are `unsafe` only because the compiler does not treat the baseline as a target feature.
@@ -256,6 +261,23 @@ mod sse {
             let signs = _mm_srai_epi32(t, 31);
             let carry = _mm_and_si128(_mm_shuffle_epi32(signs, 0x13), _mm_set_epi32(0, 1, 0, 0x87));
             _mm_xor_si128(_mm_add_epi64(t, t), carry)
+        }
+    }
+    /// `t * x^4`: each 64-bit lane shifted left by four; the four bits out of the low lane go
+    /// into the high one, the four out of the top (h) come back as h * 0x87 (carry-less:
+    /// h ^ h<<1 ^ h<<2 ^ h<<7, at most 11 bits, so no further reduction).
+    #[inline(always)]
+    pub(super) fn mul_x4(t: __m128i) -> __m128i {
+        // SAFETY: SSE2 register-only operations (x86_64 baseline).
+        unsafe {
+            let out = _mm_shuffle_epi32(_mm_srli_epi64(t, 60), 0x4E);
+            let h = _mm_and_si128(out, _mm_set_epi64x(0, 0xf));
+            let l = _mm_and_si128(out, _mm_set_epi64x(0xf, 0));
+            let red = _mm_xor_si128(
+                _mm_xor_si128(h, _mm_slli_epi64(h, 1)),
+                _mm_xor_si128(_mm_slli_epi64(h, 2), _mm_slli_epi64(h, 7)),
+            );
+            _mm_xor_si128(_mm_xor_si128(_mm_slli_epi64(t, 4), red), l)
         }
     }
     #[inline(always)]
@@ -316,6 +338,26 @@ pub(crate) fn chain_offsets(s: Gf, unit: UnitSize, out: &mut Offsets) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sse_mul_x_and_x4_match_the_scalar_one() {
+        let mut x = 0x0fed_cba9_8765_4321u64;
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&x.to_le_bytes());
+            b[8..].copy_from_slice(&(!x).rotate_left(61).to_le_bytes());
+            let g = Gf::from_bytes(&b);
+            let mut out = [0u8; 16];
+            sse::store(&mut out, sse::mul_x(sse::load(&b)));
+            assert_eq!(out, g.mul_x().to_bytes());
+            sse::store(&mut out, sse::mul_x4(sse::load(&b)));
+            assert_eq!(out, g.mul_x_pow(4).to_bytes());
+        }
+    }
 
     #[test]
     fn mul_x_matches_u128_reference() {
