@@ -24,7 +24,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::nbd::transmission::Command;
 
@@ -32,9 +32,6 @@ use crate::nbd::transmission::Command;
 /// Small, so that a limit holds over seconds (a 1 s burst would let a 10 s run through at
 /// 1.1x its limit), yet enough to absorb scheduling jitter of the client and the server.
 pub const BURST: Duration = Duration::from_millis(100);
-
-/// Longest single sleep of [`Qos::wait_blocking`]: how late a stop or a new limit is seen.
-pub const WAIT_SLICE: Duration = Duration::from_millis(2);
 
 /// A volume's limits; 0 means unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,32 +228,12 @@ impl Qos {
         }
     }
 
-    /// [`wait`](Self::wait) for a connection's own OS thread (`threaded.rs`): sleeps the thread
-    /// itself until the ticket's time, in slices of at most [`WAIT_SLICE`] so that a stop or
-    /// a change of the limits is seen within one slice. `false` once `stopped()` holds.
-    ///
-    /// Why not `block_on(wait)`: tokio's timer has 1 ms resolution and fires on a runtime
-    /// worker, which then wakes this thread: two wake-ups per wait, and each throttled
-    /// connection released in 1 ms bursts (about 20 requests at once at 20k IOPS) that take
-    /// both vCPUs from a QD1 neighbour for their duration. A thread sleep (hrtimer) wakes this
-    /// thread alone, at the ticket's time, so the throttled work comes in small, even slices.
-    pub fn wait_blocking(&self, mut t: Ticket, stopped: impl Fn() -> bool) -> bool {
-        loop {
-            if stopped() {
-                return false;
-            }
-            if self.lock().generation != t.generation {
-                match self.reserve(t.ops, t.bytes) {
-                    None => return true,
-                    Some(n) => t = n,
-                }
-                continue;
-            }
-            let left = t.until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return true;
-            }
-            std::thread::sleep(left.min(WAIT_SLICE));
+    /// [`wait`](Self::wait), or `false` as soon as `stop` holds `true` (the connection stops).
+    pub(super) async fn wait_unless(&self, t: Ticket, stop: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            biased;
+            _ = super::session::wait_true(stop) => false,
+            _ = self.wait(t) => true,
         }
     }
 }
@@ -323,52 +300,6 @@ mod tests {
         }
         let t = last.expect("deep in debt");
         assert!(t.until.duration_since(Instant::now()) <= Duration::from_secs(365 * 86_400));
-    }
-
-    /// 1 IOPS and 100 requests of debt: the next ticket is ~100 s away.
-    fn deep_in_debt() -> (std::sync::Arc<Qos>, Ticket) {
-        let q = std::sync::Arc::new(Qos::new(QosLimits {
-            iops: 1,
-            bandwidth: 0,
-        }));
-        for _ in 0..100 {
-            let _ = q.admit(&read(512));
-        }
-        let t = q.admit(&read(512)).expect("behind 100 s of debt");
-        (q, t)
-    }
-
-    #[test]
-    fn a_blocking_wait_ends_on_stop_and_on_a_new_limit() {
-        use std::sync::atomic::AtomicBool;
-        let (q, t) = deep_in_debt();
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let waiter = std::thread::spawn(move || q.wait_blocking(t, || s2.load(Ordering::Relaxed)));
-        std::thread::sleep(Duration::from_millis(10));
-        stop.store(true, Ordering::Relaxed);
-        assert!(!waiter.join().unwrap(), "stopped, not served");
-
-        let (q, t) = deep_in_debt();
-        let q2 = q.clone();
-        let waiter = std::thread::spawn(move || q2.wait_blocking(t, || false));
-        std::thread::sleep(Duration::from_millis(10));
-        q.set(QosLimits::default());
-        assert!(waiter.join().unwrap(), "released by the change, served");
-    }
-
-    #[test]
-    fn a_blocking_wait_lasts_until_the_ticket() {
-        let q = Qos::new(QosLimits {
-            iops: 1000,
-            bandwidth: 0,
-        });
-        while q.admit(&read(4096)).is_none() {}
-        // 30 requests of debt at 1000 IOPS: the last is due ~30 ms from now.
-        let t = (0..30).filter_map(|_| q.admit(&read(4096))).last().unwrap();
-        let until = t.until;
-        assert!(q.wait_blocking(t, || false));
-        assert!(Instant::now() >= until, "returned before the ticket's time");
     }
 
     #[tokio::test]

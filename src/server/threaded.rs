@@ -426,7 +426,7 @@ fn serve_requests(
     let buffered = Arc::new(Semaphore::new(budget_kib as usize));
     let write_workers = Arc::new(Semaphore::new(write_parallelism()));
     let mut stop = conn.stopped.subscribe();
-    let qos = export.qos.clone();
+    let (qos, mut qos_stop) = (export.qos.clone(), conn.stopped.subscribe());
     // A permit, or `None` once the connection stops; the queue goes out before any real wait.
     let mut acquire = |sem: &Arc<Semaphore>, n: u32| -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = sem.clone().try_acquire_many_owned(n) {
@@ -517,8 +517,7 @@ fn serve_requests(
             if let Err(e) = conn.flush() {
                 break Err(e);
             }
-            // This thread sleeps itself (qos.rs, `wait_blocking`: paced, one wake-up).
-            if !q.wait_blocking(ticket, || conn.stopping()) {
+            if !rt.block_on(q.wait_unless(ticket, &mut qos_stop)) {
                 break Ok(());
             }
         }
