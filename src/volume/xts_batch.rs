@@ -22,8 +22,9 @@ use zeroize::Zeroize;
 
 use super::cipher::{UnitSize, plain64_iv};
 
-/// Bytes per chunk: tweaks (one 16-byte block per data block) plus data stay inside L1/L2.
-/// 16 KiB measured best of 4/8/16/32 KiB here (docs/benchmarks.md, "Sector cipher").
+/// Bytes per chunk: tweaks (one 16-byte block per data block) plus data, 16 KiB together,
+/// stay in L1 (32 KiB here). 8 and 16 KiB measured equal within the noise (docs/benchmarks.md,
+/// "Sector cipher in runs of units", runs A and B).
 pub(crate) const CHUNK_BYTES: usize = 8 * 1024;
 const CHUNK_BLOCKS: usize = CHUNK_BYTES / 16;
 /// Units in a chunk at the smallest unit size.
