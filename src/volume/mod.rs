@@ -22,6 +22,7 @@ pub mod snapshot;
 mod soft;
 pub mod store;
 mod stripe;
+mod xts_batch;
 
 use std::io;
 
