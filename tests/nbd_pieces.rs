@@ -9,25 +9,11 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::Env;
-
-fn python() -> Option<String> {
-    let py = std::env::var("CRYPTVOL_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
-    if Command::new(&py)
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        Some(py)
-    } else {
-        eprintln!("SKIP: {py} has no libnbd binding (python3-libnbd)");
-        None
-    }
-}
+use common::{Env, python_nbd};
 
 #[test]
 fn concurrent_large_unaligned_requests_match_a_model() {
-    let Some(py) = python() else { return };
+    let Some(py) = python_nbd() else { return };
     let mut env = Env::new();
     env.start();
     env.json(&["key", "create", "--alias", "k"]);

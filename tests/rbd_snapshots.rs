@@ -12,12 +12,12 @@ mod hosts;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use ceph_support::{CLIENT_A, MicroCeph};
-use common::{Env, qemu_io};
+use common::{Env, Proc, python_nbd, qemu_io};
 
 const MIB: usize = 1 << 20;
 
@@ -221,28 +221,6 @@ fn rbd_snapshot_keeps_its_point_in_time_for_both_hosts() {
     assert!(!ls.contains("cryptvol.v"), "{ls}");
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn python() -> Option<String> {
-    let py = std::env::var("CRYPTVOL_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
-    if Command::new(&py)
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        Some(py)
-    } else {
-        eprintln!("SKIP: {py} has no libnbd binding (python3-libnbd)");
-        None
-    }
-}
-
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/py")
@@ -252,7 +230,7 @@ fn script(name: &str) -> PathBuf {
 #[test]
 fn rbd_snapshot_under_a_writer_is_a_cut_and_a_fenced_holder_gets_none() {
     let test = "rbd_snapshot_under_a_writer_is_a_cut_and_a_fenced_holder_gets_none";
-    let Some(py) = python() else { return };
+    let Some(py) = python_nbd() else { return };
     let Some(mc) = MicroCeph::start(test) else {
         return;
     };

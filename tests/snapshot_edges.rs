@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::Env;
+use common::{Env, python};
 
 /// Largest volume: `size + 1 MiB data offset <= i64::MAX`, a multiple of 4096.
 const LARGEST: u64 = ((i64::MAX as u64) - (1 << 20)) / 4096 * 4096;
@@ -47,22 +47,6 @@ fn read(uri: &str, offsets: &[u64]) -> String {
     nbdsh(uri, &code).replace('\n', " ")
 }
 
-/// The Python with libnbd's binding (python3-libnbd): the system one unless CRYPTVOL_PYTHON.
-fn python() -> String {
-    std::env::var("CRYPTVOL_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into())
-}
-
-fn have_nbdsh() -> bool {
-    let ok = Command::new(python())
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: {} has no libnbd binding (python3-libnbd)", python());
-    }
-    ok
-}
-
 fn tmpfs() -> Option<&'static Path> {
     let p = Path::new("/dev/shm");
     let o = Command::new("stat")
@@ -79,7 +63,7 @@ fn tmpfs() -> Option<&'static Path> {
 
 #[test]
 fn largest_volume_snapshots_clones_and_exports() {
-    if !have_nbdsh() {
+    if common::python_nbd().is_none() {
         return;
     }
     let Some(shm) = tmpfs() else { return };
@@ -163,7 +147,7 @@ fn largest_volume_snapshots_clones_and_exports() {
 /// the other snapshots are untouched, and the broken snapshot can still be deleted.
 #[test]
 fn truncated_snapshot_file_is_refused_and_loses_nothing_else() {
-    if !have_nbdsh() {
+    if common::python_nbd().is_none() {
         return;
     }
     let mut env = Env::new();

@@ -7,33 +7,11 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::Env;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn python() -> Option<String> {
-    let py = std::env::var("CRYPTVOL_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
-    if Command::new(&py)
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        Some(py)
-    } else {
-        eprintln!("SKIP: {py} has no libnbd binding (python3-libnbd)");
-        None
-    }
-}
+use common::{Env, Proc, python_nbd};
 
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -177,7 +155,7 @@ fn snapshot_under_writer(
 
 #[test]
 fn copy_path_snapshot_is_a_point_in_time_while_written() {
-    let Some(py) = python() else { return };
+    let Some(py) = python_nbd() else { return };
     let mut env = Env::new();
     env.start();
     env.json(&["key", "create", "--alias", "k"]);
@@ -265,7 +243,7 @@ impl Drop for XfsMount {
 
 #[test]
 fn reflink_snapshot_on_xfs_is_a_point_in_time_and_takes_no_space() {
-    let Some(py) = python() else { return };
+    let Some(py) = python_nbd() else { return };
     if !common::is_root() || !common::have("mkfs.xfs") || !Path::new("/dev/loop-control").exists() {
         eprintln!("SKIP: reflink test needs root, mkfs.xfs (xfsprogs) and loop devices");
         return;
@@ -340,7 +318,7 @@ fn reflink_snapshot_on_xfs_is_a_point_in_time_and_takes_no_space() {
 
 #[test]
 fn clone_under_another_key_keeps_holes_and_the_original() {
-    let Some(py) = python() else { return };
+    let Some(py) = python_nbd() else { return };
     let mut env = Env::new();
     env.start();
     env.json(&["key", "create", "--alias", "k"]);
@@ -521,7 +499,7 @@ fn swapped_snapshot_file_is_refused() {
 
 #[test]
 fn kill_9_during_a_copy_leaves_no_snapshot() {
-    let Some(py) = python() else { return };
+    let Some(py) = python_nbd() else { return };
     let mut env = Env::new();
     env.start();
     env.json(&["key", "create", "--alias", "k"]);

@@ -22,8 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use uuid::Uuid;
-
 use super::ceph::{self, SNAP_PREFIX};
 use super::exports::{Attached, VolumeBackend};
 use super::snapshots::{SnapshotInfo, split_full};
@@ -372,27 +370,8 @@ impl Daemon {
             };
             (h, src, held)
         };
-        let id = Uuid::new_v4();
-        let (_, _, dek) =
-            self.kms
-                .decrypt_datakey(c, &h.wrapped_dek, &volume_context(h.volume_id))?;
-        let key = key.unwrap_or(&h.key_id);
-        let wrapped = self
-            .kms
-            .encrypt_datakey(c, key, dek.expose(), &volume_context(id))?;
-        drop(dek);
-        let w = crate::kms::wrap::parse(&wrapped)?;
-        let mut nh = VolumeHeader::new(
-            id,
-            h.size,
-            h.sector_size,
-            &w.key_id.to_string(),
-            w.key_version,
-            wrapped,
-        )
-        .map_err(Self::vol_err(new))?;
-        nh.flags = h.flags;
-        nh.data_offset = h.data_offset;
+        let nh = self.clone_header(c, new, &h, key)?;
+        let id = nh.volume_id;
         // A failure drops `b`: the temporary image is removed.
         let b = self.ceph()?.create_temp(pool, new, &nh)?;
         let dst = b

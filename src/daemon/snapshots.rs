@@ -694,6 +694,41 @@ impl Daemon {
         })
     }
 
+    /// The header of a clone of the snapshot whose header is `h`: a new volume id, the
+    /// snapshot's DEK unwrapped under its context and re-wrapped for the new id under `key`
+    /// (default: the snapshot's CMK); size, sector size, flags and data offset kept. Shared by
+    /// file and RBD clones.
+    pub(super) fn clone_header(
+        &self,
+        c: &Caller,
+        new: &str,
+        h: &VolumeHeader,
+        key: Option<&str>,
+    ) -> Result<VolumeHeader, DaemonError> {
+        let id = Uuid::new_v4();
+        let (_, _, dek) =
+            self.kms
+                .decrypt_datakey(c, &h.wrapped_dek, &volume_context(h.volume_id))?;
+        let key = key.unwrap_or(&h.key_id);
+        let wrapped = self
+            .kms
+            .encrypt_datakey(c, key, dek.expose(), &volume_context(id))?;
+        drop(dek);
+        let w = crate::kms::wrap::parse(&wrapped)?;
+        let mut nh = VolumeHeader::new(
+            id,
+            h.size,
+            h.sector_size,
+            &w.key_id.to_string(),
+            w.key_version,
+            wrapped,
+        )
+        .map_err(Self::vol_err(new))?;
+        nh.flags = h.flags;
+        nh.data_offset = h.data_offset;
+        Ok(nh)
+    }
+
     /// `volume create NEW --from-snapshot NAME@SNAP [--key K]`: a volume of its own (new
     /// volume id and name) holding the snapshot's data; the DEK unwrapped under the
     /// snapshot's context and re-wrapped for NEW's under K (default: the snapshot's CMK).
@@ -736,27 +771,8 @@ impl Daemon {
                 .or_default() += 1;
             (h, p, held, CloneHold(&self.snaps, full.to_owned()))
         };
-        let id = Uuid::new_v4();
-        let (_, _, dek) =
-            self.kms
-                .decrypt_datakey(c, &h.wrapped_dek, &volume_context(h.volume_id))?;
-        let key = key.unwrap_or(&h.key_id);
-        let wrapped = self
-            .kms
-            .encrypt_datakey(c, key, dek.expose(), &volume_context(id))?;
-        drop(dek);
-        let w = crate::kms::wrap::parse(&wrapped)?;
-        let mut nh = VolumeHeader::new(
-            id,
-            h.size,
-            h.sector_size,
-            &w.key_id.to_string(),
-            w.key_version,
-            wrapped,
-        )
-        .map_err(Self::vol_err(new))?;
-        nh.flags = h.flags;
-        nh.data_offset = h.data_offset;
+        let nh = self.clone_header(c, new, &h, key)?;
+        let id = nh.volume_id;
         let tmp = self.temp_path(new);
         let built = (|| -> Result<&'static str, DaemonError> {
             let src = File::open(&snap_path)?;

@@ -413,3 +413,33 @@ pub fn control_request(sock: &Path, method: &str, path: &str, body: &str) -> Str
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// A child process, killed and reaped when dropped (a test that fails never leaves it).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Python that runs the python3-libnbd scripts: `CRYPTVOL_PYTHON`, else the system one.
+pub fn python() -> String {
+    std::env::var("CRYPTVOL_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into())
+}
+
+/// [`python`] if it has libnbd's binding; else `None` and a SKIP line.
+pub fn python_nbd() -> Option<String> {
+    let py = python();
+    if Command::new(&py)
+        .args(["-c", "import nbd"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        Some(py)
+    } else {
+        eprintln!("SKIP: {py} has no libnbd binding (python3-libnbd)");
+        None
+    }
+}
