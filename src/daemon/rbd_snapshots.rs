@@ -19,15 +19,13 @@
 //! Its header must name the volume id of `NAME`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::ceph::{self, SNAP_PREFIX};
-use super::exports::{Attached, VolumeBackend};
 use super::snapshots::{SnapshotInfo, split_full};
 use super::{Daemon, DaemonError, Loc, VolumeInfo, volume_context};
 use crate::kms::Caller;
-use crate::server::{Qos, QosLimits};
 use crate::volume::snapshot::pace;
 use crate::volume::store::walk_allocation;
 use crate::volume::{BlockStore, CipherBackend, Volume, VolumeHeader, XtsKey};
@@ -308,20 +306,7 @@ impl Daemon {
         pool: &str,
     ) -> Result<(), DaemonError> {
         let vol = self.open_rbd_snapshot(c, full, pool)?;
-        let size = vol.size();
-        self.exports.insert(
-            full,
-            Attached {
-                backend: Arc::new(VolumeBackend(vol, None)),
-                read_only: true,
-                clients: Arc::new(AtomicUsize::new(0)),
-                detach: tokio::sync::watch::channel(false).0,
-                qos: Arc::new(Qos::new(QosLimits::default())),
-                description: format!("cryptvol snapshot {full} ({size} bytes, aes-xts-plain64)"),
-                raw: None,
-                release: None,
-            },
-        );
+        self.export_snapshot(full, vol);
         Ok(())
     }
 

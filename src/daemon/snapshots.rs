@@ -641,6 +641,12 @@ impl Daemon {
 
     fn attach_file_snapshot(&self, c: &Caller, full: &str) -> Result<(), DaemonError> {
         let vol = self.open_snapshot(c, full)?;
+        self.export_snapshot(full, vol);
+        Ok(())
+    }
+
+    /// Serves an opened snapshot read-only as the export `NAME@SNAP` (file or RBD).
+    pub(super) fn export_snapshot(&self, full: &str, vol: Volume) {
         let size = vol.size();
         self.exports.insert(
             full,
@@ -655,7 +661,6 @@ impl Daemon {
                 release: None,
             },
         );
-        Ok(())
     }
 
     /// Opens a finished snapshot read-only with its (the volume's) DEK.
