@@ -303,6 +303,16 @@ impl Conn {
         self.s.write_all(b).expect("write to server");
     }
 
+    /// Writes bytes the server may refuse to read: it is allowed to hang up first (EPIPE or
+    /// ECONNRESET); any other error fails the test. Pair with `expect_closed`.
+    pub fn write_may_close(&mut self, b: &[u8]) {
+        match self.s.write_all(b) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {}
+            Err(e) => panic!("write to server: {e}"),
+        }
+    }
+
     pub fn read_n(&mut self, n: usize) -> Vec<u8> {
         let mut b = vec![0u8; n];
         self.s.read_exact(&mut b).expect("read from server");
