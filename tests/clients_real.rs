@@ -8,55 +8,11 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cryptvol::server::Backend;
 use support::*;
-
-/// Whether `bin` is on PATH; when it is not, prints SKIP (or panics under CI).
-fn have(bin: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{bin} is not installed (CI installs it)"
-        );
-        eprintln!("SKIP: {bin} is not installed");
-    }
-    found
-}
-
-/// Runs a command under `timeout`, returning its output.
-fn run(secs: u32, args: &[&str]) -> Output {
-    let out = Command::new("timeout")
-        .arg("-k")
-        .arg("5")
-        .arg(secs.to_string())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
-    if out.status.code() == Some(124) {
-        panic!("{args:?} timed out after {secs} s");
-    }
-    out
-}
-
-/// Runs a command that must succeed; returns stdout.
-fn run_ok(secs: u32, args: &[&str]) -> String {
-    let out = run(secs, args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{args:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 fn backend_bytes(b: &dyn Backend, offset: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];

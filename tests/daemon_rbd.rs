@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use ceph_support::{CLIENT_A, CLIENT_B, MicroCeph};
 use common::{Env, qemu_io};
-use hosts::volume;
+use hosts::{nbd_read, ok, volume};
 
 const MIB: usize = 1 << 20;
 
@@ -30,27 +30,6 @@ fn host(mc: &MicroCeph, client: &str) -> Env {
 /// Hosts A and B (started), one root key, and key `k` made on A and known to B.
 fn two_hosts(mc: &MicroCeph) -> (Env, Env) {
     hosts::two_hosts(mc, 5)
-}
-
-fn ok(o: &std::process::Output, what: &str) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{what}: {text}");
-    text
-}
-
-/// The volume's plaintext as the NBD client sees it.
-fn nbd_read(uri: &str) -> Vec<u8> {
-    let o = Command::new("nbdcopy").args([uri, "-"]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "nbdcopy: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
 }
 
 /// `rbd export` of volume `name`, data units `first..first+n` decrypted by Python with the

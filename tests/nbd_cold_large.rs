@@ -2,10 +2,12 @@
 //! a disk with a cold page cache): whether a READ got one of the process's CPU slots or was to
 //! be served on the connection thread (`src/server/threaded.rs`), it tries the page cache
 //! once, then reads on the blocking pool with the real data; and large WRITEs pipelined past
-//! the slots land whole. Raw sockets on the threaded transmission path.
+//! the slots land whole; small pipelined READs the page cache declines are answered with the
+//! real data off the connection. Raw sockets on the threaded transmission path.
 
 mod support;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use cryptvol::server::{Backend, Extent, MemBackend, ServerConfig, StaticRegistry};
@@ -103,5 +105,44 @@ fn cold_large_reads_past_the_cpu_slots_read_the_real_data_once_tried() {
         cold.declined.load(Ordering::Relaxed),
         N,
         "each large READ asked the page cache exactly once"
+    );
+}
+
+#[test]
+fn small_reads_that_would_wait_are_served_off_the_connection() {
+    let cold = std::sync::Arc::new(Cold {
+        inner: MemBackend::new(MIB, 512),
+        declined: AtomicU64::new(0),
+    });
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    cold.write(4096, &mut data.clone(), false).unwrap();
+    let reg = StaticRegistry::new().with("cold", cold.clone(), false);
+    let srv = TestServer::start_registry(ServerConfig::default(), reg);
+    let mut c = srv.connect();
+    c.go("cold", false, false);
+    // Pipelined small reads (inline candidates), all declined by try_read, all answered
+    // with the real data through the waiting read.
+    for i in 0..16u64 {
+        c.send_req(0, CMD_READ, i, 4096 + i * 512, 512);
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..16 {
+        let Reply::Simple {
+            error,
+            cookie,
+            data: got,
+        } = c.read_reply(|_| 512)
+        else {
+            panic!("simple reply expected")
+        };
+        assert_eq!(error, 0);
+        let i = cookie as usize;
+        assert_eq!(got, data[i * 512..(i + 1) * 512], "read {i}");
+        assert!(seen.insert(cookie));
+    }
+    assert_eq!(
+        cold.declined.load(Ordering::Relaxed),
+        16,
+        "every small read asked try_read first"
     );
 }

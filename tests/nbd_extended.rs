@@ -10,7 +10,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,39 +23,6 @@ const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) | 10;
 const REPLY_BLOCK_STATUS_EXT: u16 = 6;
 const FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 const GIB: u64 = 1 << 30;
-
-/// Whether `bin` is on PATH; when it is not, prints SKIP (or panics under CI).
-fn have(bin: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{bin} is not installed (CI installs it)"
-        );
-        eprintln!("SKIP: {bin} is not installed");
-    }
-    found
-}
-
-/// Runs a command under `timeout`; it must succeed. Returns stdout.
-fn run_ok(secs: u32, args: &[&str]) -> String {
-    let out: Output = Command::new("timeout")
-        .args(["-k", "5", &secs.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{args:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 /// A sparse in-memory export of any size (4 KiB pages, absent = zeros), counting the largest
 /// WRITE_ZEROES and TRIM it was asked for in one call: what shows that a client sent a large

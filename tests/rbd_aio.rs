@@ -8,6 +8,8 @@
 
 mod ceph_support;
 mod common;
+#[path = "ceph_support/hosts.rs"]
+mod hosts;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,18 +20,6 @@ use common::Env;
 const PY: &str = "/usr/bin/python3";
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/aio_storm.py");
 const OP_TIMEOUT_SECS: u64 = 3;
-
-fn host(mc: &MicroCeph) -> Env {
-    let conf = mc.conf().to_owned();
-    let keyring = mc.keyring(CLIENT_A);
-    Env::with_config(|_| {
-        format!(
-            "[ceph]\nconf = \"{}\"\nclient = \"{CLIENT_A}\"\nkeyring = \"{}\"\npool = \"rbd\"\nop_timeout_secs = {OP_TIMEOUT_SECS}\n",
-            conf.display(),
-            keyring.display()
-        )
-    })
-}
 
 fn libnbd_present(test: &str) -> bool {
     let ok = Command::new(PY)
@@ -42,16 +32,9 @@ fn libnbd_present(test: &str) -> bool {
     ok
 }
 
-/// One RBD volume `v` of `size` on a started daemon.
+/// One RBD volume `name` of `size` on a started daemon.
 fn volume(mc: &MicroCeph, name: &str, size: &str) -> Env {
-    let mut a = host(mc);
-    a.start();
-    a.json(&["key", "create", "--alias", "k"]);
-    a.json(&[
-        "volume", "create", name, "--size", size, "--key", "k", "--store", "rbd",
-    ]);
-    a.json(&["volume", "attach", name]);
-    a
+    hosts::with_rbd_volume(mc, CLIENT_A, OP_TIMEOUT_SECS, name, size)
 }
 
 fn run_load(a: &Env, seed: &str) {

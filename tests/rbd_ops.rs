@@ -150,13 +150,7 @@ fn a_reattach_waiting_for_the_cluster_holds_up_no_other_operation() {
         return;
     };
     // Long timeouts: an attempt on the frozen cluster waits its whole connect timeout.
-    let mut a = hosts::host(&mc, CLIENT_A, 20, "");
-    a.start();
-    a.json(&["key", "create", "--alias", "k"]);
-    a.json(&[
-        "volume", "create", "r", "--size", "4M", "--key", "k", "--store", "rbd",
-    ]);
-    a.json(&["volume", "attach", "r"]);
+    let mut a = hosts::with_rbd_volume(&mc, CLIENT_A, 20, "r", "4M");
     a.attach_new("f", "4M");
     assert!(a.stop().success());
 

@@ -26,10 +26,6 @@ const OP_TIMEOUT_SECS: u64 = 3;
 /// Any single client call longer than this is a hang.
 const HANG_SECS: u64 = 60;
 
-fn host(mc: &MicroCeph) -> Env {
-    hosts::host(mc, CLIENT_A, OP_TIMEOUT_SECS, "")
-}
-
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -93,13 +89,7 @@ fn frozen_cluster_gives_errors_not_hangs_and_service_resumes() {
     let Some(mc) = MicroCeph::start(test) else {
         return;
     };
-    let mut a = host(&mc);
-    a.start();
-    a.json(&["key", "create", "--alias", "k"]);
-    a.json(&[
-        "volume", "create", "r", "--size", "4M", "--key", "k", "--store", "rbd",
-    ]);
-    a.json(&["volume", "attach", "r"]);
+    let a = hosts::with_rbd_volume(&mc, CLIENT_A, OP_TIMEOUT_SECS, "r", "4M");
     let uri = a.uri("r");
     io_ok(
         &uri,
@@ -178,13 +168,7 @@ fn daemon_starts_with_a_frozen_cluster() {
     let Some(mc) = MicroCeph::start(test) else {
         return;
     };
-    let mut a = host(&mc);
-    a.start();
-    a.json(&["key", "create", "--alias", "k"]);
-    a.json(&[
-        "volume", "create", "r", "--size", "2M", "--key", "k", "--store", "rbd",
-    ]);
-    a.json(&["volume", "attach", "r"]);
+    let mut a = hosts::with_rbd_volume(&mc, CLIENT_A, OP_TIMEOUT_SECS, "r", "2M");
     a.attach_new("f", "2M");
     io_ok(&a.uri("r"), &["write -P 7 0 64k", "flush"], "rbd volume");
     io_ok(&a.uri("f"), &["write -P 9 0 64k", "flush"], "file volume");

@@ -18,29 +18,9 @@ use std::time::Duration;
 
 use ceph_support::{CLIENT_A, MicroCeph};
 use common::{Env, Proc, python_nbd, qemu_io};
+use hosts::{nbd_read, ok};
 
 const MIB: usize = 1 << 20;
-
-fn ok(o: &std::process::Output, what: &str) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{what}: {text}");
-    text
-}
-
-/// What an NBD client reads of the whole export.
-fn nbd_read(uri: &str) -> Vec<u8> {
-    let o = Command::new("nbdcopy").args([uri, "-"]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "nbdcopy: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
-}
 
 /// The image's snapshots as `rbd snap ls` shows them (names only).
 fn rbd_snaps(mc: &MicroCeph, image: &str) -> Vec<String> {

@@ -75,26 +75,15 @@ for tool in fio nbdkit qemu-nbd qemu-img nbdinfo; do
     command -v "$tool" >/dev/null || { echo "peers.sh: $tool is not installed" >&2; exit 2; }
 done
 
-pids=()
+# shellcheck source=../lib.sh
+. "$repo/benches/lib.sh"
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    kill_pids
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-# Waits until the server answers an NBD handshake (never sleep-and-hope).
-wait_nbd() {
-    local uri=$1 i
-    for i in $(seq 1 200); do
-        nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    echo "peers.sh: no NBD server answers at $uri" >&2
-    return 1
-}
-
-bytes=$($PY -c "import sys; s=sys.argv[1].upper(); m={'K':10,'M':20,'G':30}; print(int(s[:-1])<<m[s[-1]] if s[-1] in m else int(s))" "$size")
+bytes=$(to_bytes "$size")
 secret=cryptvol-peers-secret
 printf %s "$secret" > "$work/passphrase"
 
@@ -129,26 +118,9 @@ start_cryptvol() {
         return 0
     fi
     local st=$work/cryptvol
-    local cfg=$st/cryptvol.toml ctl=$st/control.sock nbd=$st/nbd.sock
-    "$bin" init --state-dir "$st/state" >/dev/null
-    mkdir -p "$st"
-    cat > "$cfg" <<EOF
-state_dir = "$st/state"
-[control]
-socket = "$ctl"
-[nbd]
-unix_socket = "$nbd"
-[kms]
-root_key_file = "$st/state/root.key"
-EOF
-    "$bin" serve --config "$cfg" >"$out/cryptvol.log" 2>&1 &
-    local p=$!
-    pids+=("$p")
-    local i
-    for i in $(seq 1 200); do
-        "$bin" --socket "$ctl" volume list >/dev/null 2>&1 && break
-        sleep 0.05
-    done
+    local ctl=$st/control.sock nbd=$st/nbd.sock
+    cryptvol_daemon "$bin" "$st" "$out/cryptvol.log"
+    local p=${pids[-1]}
     "$bin" --socket "$ctl" key create --alias peers >/dev/null
     "$bin" --socket "$ctl" volume create bench --size "$bytes" --key peers --sector-size 4096 \
         ${cache:+--cache "$cache"} >/dev/null

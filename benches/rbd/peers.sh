@@ -39,10 +39,10 @@ bytes=$((mb << 20))
 log() { echo "[rbd-peers $(date -u +%H:%M:%S)] $*" >&2; }
 
 D=$(mktemp -d /tmp/cv-rbdpeers.XXXXXX)
-pids=()
+# shellcheck source=../lib.sh
+. "$repo/benches/lib.sh"
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    kill_pids
     "$repo/tests/ceph/micro-ceph.sh" stop "$D/c" >/dev/null 2>&1 || true
     rm -rf "$D"
 }
@@ -68,26 +68,8 @@ luks fill $((1 << 20)) 8 0 0 >/dev/null
 
 # cryptvol: a daemon with [ceph], volume v on RBD.
 st=$D/cv
-mkdir -p "$st"
-"$bin" init --state-dir "$st/state" >/dev/null
-cat > "$st/cryptvol.toml" <<EOF
-state_dir = "$st/state"
-[control]
-socket = "$st/control.sock"
-[nbd]
-unix_socket = "$st/nbd.sock"
-[kms]
-root_key_file = "$st/state/root.key"
-[ceph]
-conf = "$CEPH_CONF"
-client = "$client"
-keyring = "$D/c/client.$client.keyring"
-pool = "rbd"
-EOF
-"$bin" serve --config "$st/cryptvol.toml" > "$D/cryptvol.log" 2>&1 &
-pids+=($!)
+cryptvol_daemon "$bin" "$st" "$D/cryptvol.log" "$(ceph_section "$D/c" "$client")"
 cv() { "$bin" --socket "$st/control.sock" "$@"; }
-for _ in $(seq 1 200); do cv volume list >/dev/null 2>&1 && break; sleep 0.05; done
 cv key create --alias bench >/dev/null
 cv volume create v --size "${mb}M" --key bench --store rbd >/dev/null
 ms() { /usr/bin/python3 -c 'import sys; print("%.1f" % ((float(sys.argv[2]) - float(sys.argv[1])) * 1000))' "$@"; }

@@ -43,10 +43,10 @@ bytes=$((mb << 20))
 log() { echo "[rbd-rounds $(date -u +%H:%M:%S)] $*" >&2; }
 
 D=$(mktemp -d /tmp/cv-rbdrounds.XXXXXX)
-pids=()
+# shellcheck source=../lib.sh
+. "$repo/benches/lib.sh"
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    kill_pids
     "$repo/tests/ceph/micro-ceph.sh" stop "$D/c" >/dev/null 2>&1 || true
     rm -rf "$D"
 }
@@ -80,25 +80,8 @@ for v in "${variants[@]}"; do
     st=$D/$name
     mkdir -p "$st"
     cp "$bin" "$st/cryptvol" # the build may change under us while we run
-    "$st/cryptvol" init --state-dir "$st/state" >/dev/null
-    cat > "$st/cryptvol.toml" <<EOF
-state_dir = "$st/state"
-[control]
-socket = "$st/control.sock"
-[nbd]
-unix_socket = "$st/nbd.sock"
-[kms]
-root_key_file = "$st/state/root.key"
-[ceph]
-conf = "$CEPH_CONF"
-client = "$client"
-keyring = "$D/c/client.$client.keyring"
-pool = "rbd"
-EOF
-    "$st/cryptvol" serve --config "$st/cryptvol.toml" > "$st/log" 2>&1 &
-    pids+=($!)
+    cryptvol_daemon "$st/cryptvol" "$st" "$st/log" "$(ceph_section "$D/c" "$client")"
     cv() { "$st/cryptvol" --socket "$st/control.sock" "$@"; }
-    for _ in $(seq 1 200); do cv volume list >/dev/null 2>&1 && break; sleep 0.05; done
     cv key create --alias bench >/dev/null
     cv volume create "v-$name" --size "${mb}M" --key bench --store rbd >/dev/null
     cv volume attach "v-$name" >/dev/null

@@ -59,3 +59,43 @@ pub fn volume<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Va
         .find(|v| v["name"] == name)
         .unwrap_or_else(|| panic!("{name} not listed: {list}"))
 }
+
+/// `client`'s daemon (started) with key `k` and an attached RBD volume `name` of `size`.
+pub fn with_rbd_volume(
+    mc: &MicroCeph,
+    client: &str,
+    op_timeout_secs: u64,
+    name: &str,
+    size: &str,
+) -> Env {
+    let mut a = host(mc, client, op_timeout_secs, "");
+    a.start();
+    a.json(&["key", "create", "--alias", "k"]);
+    a.json(&[
+        "volume", "create", name, "--size", size, "--key", "k", "--store", "rbd",
+    ]);
+    a.json(&["volume", "attach", name]);
+    a
+}
+
+/// A command's stdout and stderr together; fails the test naming `what` unless it succeeded.
+pub fn ok(o: &std::process::Output, what: &str) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{what}: {text}");
+    text
+}
+
+/// What an NBD client reads of the whole export (nbdcopy to stdout).
+pub fn nbd_read(uri: &str) -> Vec<u8> {
+    let o = Command::new("nbdcopy").args([uri, "-"]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "nbdcopy: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}

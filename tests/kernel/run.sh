@@ -55,25 +55,15 @@ done
 work=$(mktemp -d /tmp/cryptvol-kernel.XXXXXX)
 size_mb=256
 rbd_size_mb=64
-pids=()
+# shellcheck source=../../benches/lib.sh
+. "$repo/benches/lib.sh" # pids, kill_pids, wait_nbd, cryptvol_daemon, ceph_section
 ceph_dir=""
 cleanup() {
     [ -z "$ceph_dir" ] || bash "$repo/tests/ceph/micro-ceph.sh" stop "$ceph_dir" >/dev/null 2>&1 || true
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    kill_pids
     rm -rf "$work"
 }
 trap cleanup EXIT
-
-wait_nbd() {
-    local i
-    for i in $(seq 1 200); do
-        nbdinfo --size "$1" >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    say "no NBD server answers at $1"
-    return 1
-}
 
 # The RBD case: a throwaway one-node cluster, when Ceph is installed.
 use_rbd=0
@@ -99,34 +89,15 @@ cryptvol)
     st=$work/cryptvol ctl=$work/cryptvol/control.sock nbdsock=$work/cryptvol/nbd.sock
     cv() { "$bin" --socket "$ctl" "$@"; }
     srv_setup() {
-        mkdir -p "$st"
-        "$bin" init --state-dir "$st/state" >/dev/null
-        cat > "$st/cryptvol.toml" <<EOF
-state_dir = "$st/state"
-[control]
-socket = "$ctl"
-[nbd]
-unix_socket = "$nbdsock"
-[kms]
-root_key_file = "$st/state/root.key"
-EOF
+        local extra=""
         if [ "$use_rbd" = 1 ]; then
             ceph_dir=$work/ceph
             bash "$repo/tests/ceph/micro-ceph.sh" start "$ceph_dir" > "$work/ceph.log" 2>&1 \
                 || { say "micro-ceph start failed:"; cat "$work/ceph.log" >&2; exit 2; }
-            cat >> "$st/cryptvol.toml" <<EOF
-[ceph]
-conf = "$ceph_dir/ceph.conf"
-client = "cryptvol-a"
-keyring = "$ceph_dir/client.cryptvol-a.keyring"
-pool = "rbd"
-op_timeout_secs = 30
-EOF
+            extra="$(ceph_section "$ceph_dir" cryptvol-a)"$'\n'"op_timeout_secs = 30"
         fi
-        "$bin" serve --config "$st/cryptvol.toml" > "$work/cryptvol.log" 2>&1 &
-        pids+=($!)
-        local i
-        for i in $(seq 1 200); do cv volume list >/dev/null 2>&1 && break; sleep 0.05; done
+        cryptvol_daemon "$bin" "$st" "$work/cryptvol.log" "$extra" \
+            || { cat "$work/cryptvol.log" >&2; exit 2; }
         cv key create --alias kernel-tests >/dev/null
     }
     srv_create() { # name sector [store]

@@ -5,6 +5,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -565,4 +566,48 @@ impl Conn {
             be32(&b.data[10..14]),
         )
     }
+}
+
+/// Whether `bin` is on PATH; when it is not, prints SKIP (or panics under CI).
+pub fn have(bin: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{bin} is not installed (CI installs it)"
+        );
+        eprintln!("SKIP: {bin} is not installed");
+    }
+    found
+}
+
+/// Runs a command under `timeout`, returning its output.
+pub fn run(secs: u32, args: &[&str]) -> Output {
+    let out = Command::new("timeout")
+        .arg("-k")
+        .arg("5")
+        .arg(secs.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+    if out.status.code() == Some(124) {
+        panic!("{args:?} timed out after {secs} s");
+    }
+    out
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn run_ok(secs: u32, args: &[&str]) -> String {
+    let out = run(secs, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
