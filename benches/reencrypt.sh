@@ -10,22 +10,13 @@
 set -eu
 BIN=$1 MIB=${2:-1024} DIR=${3:-/var/tmp}
 D=$(mktemp -d "$DIR/cvre.XXXXXX")
-PID=
-trap 'kill $PID 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
-"$BIN" init --state-dir "$D/s" >/dev/null
-cat >"$D/c.toml" <<TOML
-state_dir = "$D/s"
-[control]
-socket = "$D/c.sock"
-[nbd]
-unix_socket = "$D/n.sock"
-TOML
-"$BIN" serve --config "$D/c.toml" 2>"$D/log" &
-PID=$!
-for _ in $(seq 100); do [ -S "$D/c.sock" ] && break; sleep 0.1; done
-cv() { "$BIN" --config "$D/c.toml" "$@"; }
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+trap 'kill_pids; rm -rf "$D"' EXIT
+cryptvol_daemon "$BIN" "$D" "$D/log"
+cv() { "$BIN" --socket "$D/control.sock" "$@"; }
 cv key create --alias k >/dev/null
-URI="nbd+unix:///v?socket=$D/n.sock"
+URI="nbd+unix:///v?socket=$D/nbd.sock"
 now() { date +%s.%N; }
 rate() { python3 -c "import sys; print(f'{$MIB/($2-$1):.0f}')" -- "$1" "$2"; }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use ceph_support::{CLIENT_A, MicroCeph};
 use common::Env;
+use hosts::nbd_read;
 
 const PY: &str = "/usr/bin/python3";
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/aio_storm.py");
@@ -79,16 +80,6 @@ fn many_requests_in_flight_keep_every_byte() {
     );
     assert!(!a.log().contains("panicked"), "{}", a.log());
     assert!(a.stop().success());
-}
-
-fn nbd_read(uri: &str) -> Vec<u8> {
-    let o = Command::new("nbdcopy").args([uri, "-"]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "nbdcopy: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
 }
 
 #[test]
