@@ -167,12 +167,15 @@ fn rbd_snapshot_keeps_its_point_in_time_for_both_hosts() {
     // B cannot snapshot a volume A writes: the snapshot is the writer's to take.
     let e = b.fails(&["volume", "snapshot", "create", "v", "s2"]);
     assert!(e.contains("cryptvol-a@"), "{e}");
-    b.json(&["volume", "detach", "v@s1"]);
 
     // Delete rules.
     let e = a.fails(&["volume", "snapshot", "delete", "v@s1"]);
     assert!(e.contains("attached"), "{e}");
     a.json(&["volume", "detach", "v@s1"]);
+    // Still read on host B: refused there too, naming B.
+    let e = a.fails(&["volume", "snapshot", "delete", "v@s1"]);
+    assert!(e.contains("being read by cryptvol-b@"), "{e}");
+    b.json(&["volume", "detach", "v@s1"]);
     a.json(&["volume", "detach", "v"]);
     // Detached: taken in a session of its own.
     let s2 = a.json(&["volume", "snapshot", "create", "v", "s2"]);
@@ -297,4 +300,71 @@ fn rbd_snapshot_under_a_writer_is_a_cut_and_a_fenced_holder_gets_none() {
         rbd_snaps(&mc, "cryptvol.v"),
         ["cryptvol.after".to_owned(), "cryptvol.cut".to_owned()]
     );
+}
+
+/// The RADOS objects of the pool whose names start with `prefix`.
+fn objects(mc: &MicroCeph, prefix: &str) -> Vec<String> {
+    let o = Command::new("rados")
+        .arg("--conf")
+        .arg(mc.conf())
+        .args(["--id", CLIENT_A, "--pool", "rbd", "ls"])
+        .env_remove("CEPH_ARGS")
+        .output()
+        .unwrap();
+    let out = ok(&o, "rados ls");
+    let mut v: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn rbd_snapshot_read_on_another_host_is_not_deleted_under_it() {
+    let test = "rbd_snapshot_read_on_another_host_is_not_deleted_under_it";
+    if !common::tools_present(test, &["qemu-io", "nbdcopy", "rados"]) {
+        return;
+    }
+    let Some(mc) = MicroCeph::start(test) else {
+        return;
+    };
+    let (a, mut b) = hosts::two_hosts(&mc, 5);
+    a.json(&[
+        "volume", "create", "v", "--size", "4M", "--key", "k", "--store", "rbd",
+    ]);
+    a.json(&["volume", "attach", "v"]);
+    ok(
+        &qemu_io(&a.uri("v"), &["write -P 0x5c 0 4M", "flush"]),
+        "pattern",
+    );
+    a.json(&["volume", "snapshot", "create", "v", "s1"]);
+    a.json(&["volume", "detach", "v"]);
+    assert!(objects(&mc, "cryptvol-readers.").is_empty());
+
+    // B reads the snapshot: A may not delete it, alone or with the volume; nothing goes.
+    b.json(&["volume", "attach", "v@s1", "--read-only"]);
+    assert_eq!(objects(&mc, "cryptvol-readers.").len(), 1);
+    let e = a.fails(&["volume", "snapshot", "delete", "v@s1"]);
+    assert!(e.contains("being read by cryptvol-b@"), "{e}");
+    let e = a.fails(&["volume", "delete", "v", "--with-snapshots"]);
+    assert!(e.contains("being read by cryptvol-b@"), "{e}");
+    assert_eq!(listed(&a, "v"), ["v@s1"]);
+    assert!(
+        nbd_read(&b.uri("v@s1")).iter().all(|&x| x == 0x5c),
+        "B still reads the snapshot"
+    );
+    // B's daemon dies (no detach): a dead reader holds nothing up for long. Its watch has
+    // not answered; A's delete goes through once the notify times out (≤ the op timeout).
+    b.kill();
+    let t = std::time::Instant::now();
+    a.json(&["volume", "snapshot", "delete", "v@s1"]);
+    eprintln!("delete after the reader died: {:?}", t.elapsed());
+    assert!(listed(&a, "v").is_empty());
+    assert!(
+        objects(&mc, "cryptvol-readers.").is_empty(),
+        "the readers object went with the snapshot"
+    );
+    a.json(&["volume", "delete", "v"]);
 }

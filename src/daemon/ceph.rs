@@ -612,50 +612,132 @@ impl Ceph {
     }
 
     /// Removes snapshot `snap` of volume `name` (through the control session; librbd asks
-    /// the lock holder, if any, to do it).
+    /// the lock holder, if any, to do it). Refused, naming them, while other hosts read the
+    /// snapshot (their [`Presence`](crate::volume::rbd::Presence) answers on its readers
+    /// object, see [`readers_object`]); then the readers object goes too.
     pub fn snap_remove(&self, pool: &str, name: &str, snap: &str) -> Result<(), DaemonError> {
         let r = (|| {
             let img = self.open_control(pool, name, false)?;
-            img.snap_remove(&format!("{SNAP_PREFIX}{snap}"))
-                .map_err(|e| snap_err(pool, name, snap, e))
+            let full = format!("{SNAP_PREFIX}{snap}");
+            let id = self.refuse_if_read(&img, pool, name, snap)?;
+            img.snap_remove(&full)
+                .map_err(|e| snap_err(pool, name, snap, e))?;
+            if let Err(e) = img.ioctx().remove_object(&readers_object(id)) {
+                tracing::warn!(object = %readers_object(id), error = %e, "cannot remove a deleted snapshot's readers object");
+            }
+            Ok(())
+        })();
+        self.reset_on(r)
+    }
+
+    /// Refused while another host reads snapshot `snap` of volume `name` (whose image is
+    /// `img`); else the snapshot's id.
+    fn refuse_if_read(
+        &self,
+        img: &Image,
+        pool: &str,
+        name: &str,
+        snap: &str,
+    ) -> Result<u64, DaemonError> {
+        let id = snap_id(img, &format!("{SNAP_PREFIX}{snap}"))
+            .map_err(|e| snap_err(pool, name, snap, e))?;
+        let readers = img
+            .ioctx()
+            .present(&readers_object(id), self.cfg.op_timeout)
+            .map_err(|e| cluster_err(&format!("asking who reads {name}@{snap}"), e))?;
+        if readers.is_empty() {
+            return Ok(id);
+        }
+        let shown: Vec<String> = readers.iter().map(|l| clean(l, 128)).collect();
+        Err(DaemonError::Conflict(format!(
+            "snapshot \"{name}@{snap}\" is being read by {}; detach it there first",
+            shown.join(", ")
+        )))
+    }
+
+    /// Refused while another host reads any of snapshots `snaps` of volume `name`.
+    pub fn refuse_if_any_read(
+        &self,
+        pool: &str,
+        name: &str,
+        snaps: &[&str],
+    ) -> Result<(), DaemonError> {
+        let r = (|| {
+            let img = self.open_control(pool, name, true)?;
+            snaps
+                .iter()
+                .try_for_each(|s| self.refuse_if_read(&img, pool, name, s).map(drop))
         })();
         self.reset_on(r)
     }
 
     /// Snapshot `snap` of volume `name` opened read-only in the control session (no lock).
+    /// `reader`: announce this host as a reader until the store goes, so that no host
+    /// deletes the snapshot under it (attach, export and clone do; a look at the header
+    /// does not).
     pub fn open_snapshot(
         &self,
         pool: &str,
         name: &str,
         snap: &str,
+        reader: bool,
     ) -> Result<Arc<dyn BlockStore>, DaemonError> {
         let r = (|| {
             let io = self
                 .control()?
                 .ioctx(pool)
                 .map_err(|e| cluster_err(&format!("pool {pool}"), e))?;
+            let full = format!("{SNAP_PREFIX}{snap}");
             let img = io
-                .open_snapshot(&image_name(name), &format!("{SNAP_PREFIX}{snap}"))
+                .open_snapshot(&image_name(name), &full)
                 .map_err(|e| snap_err(pool, name, snap, e))?;
-            Ok(Arc::new(RbdStore::new(img)) as Arc<dyn BlockStore>)
+            if !reader {
+                return Ok(Arc::new(RbdStore::new(img)) as Arc<dyn BlockStore>);
+            }
+            let id = snap_id(&img, &full).map_err(|e| snap_err(pool, name, snap, e))?;
+            let presence = io
+                .announce(&readers_object(id), &self.label, self.cfg.op_timeout)
+                .map_err(|e| cluster_err(&format!("announcing a reader of {name}@{snap}"), e))?;
+            // A delete between the open and the announce removed the snapshot: the open
+            // image would read nothing. Checked again with the presence standing.
+            snap_id(&img, &full).map_err(|e| snap_err(pool, name, snap, e))?;
+            Ok(Arc::new(RbdStore::with_presence(img, presence)) as Arc<dyn BlockStore>)
         })();
         self.reset_on(r)
     }
 }
 
+/// The RADOS object whose watchers are the readers of snapshot `id` (Ceph's snapshot ids
+/// are unique in a pool and never reused). Not an image name: images are `cryptvol.NAME`.
+pub fn readers_object(id: u64) -> String {
+    format!("cryptvol-readers.{id}")
+}
+
+/// The id of snapshot `full` (Ceph's name) of `img`, `ENOENT` when it is gone.
+fn snap_id(img: &Image, full: &str) -> std::io::Result<u64> {
+    img.snapshots()?
+        .into_iter()
+        .find(|s| s.name == full)
+        .map(|s| s.id)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))
+}
+
 /// A lock holder as shown to users: its label is image metadata any client of the pool can
 /// write, so control characters are replaced and the length is bounded.
 fn shown(o: &LockOwner) -> String {
-    let clean = |s: &str, max: usize| -> String {
-        s.chars()
-            .take(max)
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect()
-    };
     match &o.label {
         Some(l) => format!("{} ({})", clean(l, 128), clean(&o.address, 128)),
         None => clean(&o.address, 128),
     }
+}
+
+/// Text another client wrote, as shown to users: control characters replaced, at most `max`
+/// characters.
+fn clean(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn open_err(pool: &str, name: &str, e: std::io::Error) -> DaemonError {

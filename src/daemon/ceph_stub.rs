@@ -112,11 +112,15 @@ impl Ceph {
     pub fn snap_remove(&self, _: &str, _: &str, _: &str) -> Result<(), DaemonError> {
         Err(off())
     }
+    pub fn refuse_if_any_read(&self, _: &str, _: &str, _: &[&str]) -> Result<(), DaemonError> {
+        Err(off())
+    }
     pub fn open_snapshot(
         &self,
         _: &str,
         _: &str,
         _: &str,
+        _: bool,
     ) -> Result<Arc<dyn BlockStore>, DaemonError> {
         Err(off())
     }

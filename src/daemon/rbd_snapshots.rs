@@ -96,14 +96,16 @@ impl Daemon {
         Ok(info)
     }
 
-    /// Snapshot `full`'s header, checked to be of the volume now named NAME, with its store.
+    /// Snapshot `full`'s header, checked to be of the volume now named NAME, with its store
+    /// (`reader`: one that keeps other hosts from deleting the snapshot while it lives).
     fn rbd_snapshot_open_store(
         &self,
         full: &str,
         pool: &str,
+        reader: bool,
     ) -> Result<(VolumeHeader, Arc<dyn BlockStore>), DaemonError> {
         let (vol, snap) = split_full(full)?;
-        let store = self.ceph()?.open_snapshot(pool, vol, snap)?;
+        let store = self.ceph()?.open_snapshot(pool, vol, snap, reader)?;
         let h = Volume::read_header_in(store.as_ref()).map_err(Self::vol_err(full))?;
         let (vh, _) = self.trusted_header(vol, &Loc::Rbd(pool.to_owned()))?;
         let w = crate::kms::wrap::parse(&h.wrapped_dek)?;
@@ -146,7 +148,7 @@ impl Daemon {
         else {
             return Err(DaemonError::NoVolume(full.to_owned()));
         };
-        let (h, state) = match self.rbd_snapshot_open_store(full, pool) {
+        let (h, state) = match self.rbd_snapshot_open_store(full, pool, false) {
             Ok((h, _)) => (Some(h), "ready".to_owned()),
             Err(e) => (None, format!("failed: {e}")),
         };
@@ -269,6 +271,11 @@ impl Daemon {
                 "snapshot {full:?} is attached; detach it first"
             )));
         }
+        let snaps = all
+            .iter()
+            .map(|f| split_full(f).map(|(_, s)| s))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.ceph()?.refuse_if_any_read(pool, name, &snaps)?;
         for full in &all {
             self.rbd_snapshot_delete(full, pool)?;
         }
@@ -282,7 +289,7 @@ impl Daemon {
         full: &str,
         pool: &str,
     ) -> Result<Volume, DaemonError> {
-        let (h, store) = self.rbd_snapshot_open_store(full, pool)?;
+        let (h, store) = self.rbd_snapshot_open_store(full, pool, true)?;
         let (_, _, dek) =
             self.kms
                 .decrypt_datakey(c, &h.wrapped_dek, &volume_context(h.volume_id))?;
@@ -317,7 +324,7 @@ impl Daemon {
         pool: &str,
     ) -> Result<VolumeInfo, DaemonError> {
         let (vol, snap) = split_full(full)?;
-        let (h, _) = self.rbd_snapshot_open_store(full, pool)?;
+        let (h, _) = self.rbd_snapshot_open_store(full, pool, false)?;
         let a = self.exports.get(full);
         Ok(VolumeInfo {
             attached: a.is_some(),
@@ -344,7 +351,7 @@ impl Daemon {
         let (h, src, held) = {
             let _g = self.lock_ops();
             self.check_free(new)?;
-            let (h, src) = self.rbd_snapshot_open_store(full, pool)?;
+            let (h, src) = self.rbd_snapshot_open_store(full, pool, true)?;
             self.importing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

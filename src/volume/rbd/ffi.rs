@@ -16,6 +16,34 @@ pub type rados_ioctx_t = *mut c_void;
 pub type rados_write_op_t = *mut c_void;
 /// `#define LIBRADOS_CREATE_EXCLUSIVE 1` (of `rados_write_op_create`).
 pub const LIBRADOS_CREATE_EXCLUSIVE: c_int = 1;
+/// `#define LIBRADOS_CREATE_IDEMPOTENT 0`: create, or leave an existing object alone.
+pub const LIBRADOS_CREATE_IDEMPOTENT: c_int = 0;
+
+/// `struct notify_ack_t { uint64_t notifier_id; uint64_t cookie; char *payload;
+/// uint64_t payload_len; }` (rados_types.h): one watcher's answer to a notify.
+#[repr(C)]
+pub struct notify_ack_t {
+    pub notifier_id: u64,
+    pub cookie: u64,
+    pub payload: *mut c_char,
+    pub payload_len: u64,
+}
+
+/// `struct notify_timeout_t { uint64_t notifier_id; uint64_t cookie; }`: a watcher that did
+/// not answer in time.
+#[repr(C)]
+pub struct notify_timeout_t {
+    pub notifier_id: u64,
+    pub cookie: u64,
+}
+
+/// `typedef void (*rados_watchcb2_t)(void *arg, uint64_t notify_id, uint64_t handle,
+/// uint64_t notifier_id, void *data, size_t data_len);`: a notify arrived (on one of
+/// librados's finisher threads).
+pub type rados_watchcb2_t = unsafe extern "C" fn(*mut c_void, u64, u64, u64, *mut c_void, size_t);
+/// `typedef void (*rados_watcherrcb_t)(void *pre, uint64_t cookie, int err);`: the watch
+/// broke (e.g. `ENOTCONN` after a disconnection longer than its timeout).
+pub type rados_watcherrcb_t = unsafe extern "C" fn(*mut c_void, u64, c_int);
 /// `typedef void *rbd_image_t;`
 pub type rbd_image_t = *mut c_void;
 /// `typedef void *rbd_image_options_t;`
@@ -131,6 +159,65 @@ unsafe extern "C" {
         mtime: *mut libc::time_t,
         flags: c_int,
     ) -> c_int;
+    // int rados_remove(rados_ioctx_t io, const char *oid);
+    pub fn rados_remove(io: rados_ioctx_t, oid: *const c_char) -> c_int;
+    // int rados_watch3(rados_ioctx_t io, const char *o, uint64_t *cookie,
+    //                  rados_watchcb2_t watchcb, rados_watcherrcb_t watcherrcb,
+    //                  uint32_t timeout, void *arg);
+    pub fn rados_watch3(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        cookie: *mut u64,
+        watchcb: rados_watchcb2_t,
+        watcherrcb: rados_watcherrcb_t,
+        timeout: u32,
+        arg: *mut c_void,
+    ) -> c_int;
+    // int rados_unwatch2(rados_ioctx_t io, uint64_t cookie);
+    pub fn rados_unwatch2(io: rados_ioctx_t, cookie: u64) -> c_int;
+    // int rados_watch_flush(rados_t cluster);
+    pub fn rados_watch_flush(cluster: rados_t) -> c_int;
+    // int rados_notify_ack(rados_ioctx_t io, const char *o, uint64_t notify_id,
+    //                      uint64_t cookie, const char *buf, int buf_len);
+    pub fn rados_notify_ack(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        notify_id: u64,
+        cookie: u64,
+        buf: *const c_char,
+        buf_len: c_int,
+    ) -> c_int;
+    // int rados_notify2(rados_ioctx_t io, const char *o, const char *buf, int buf_len,
+    //                   uint64_t timeout_ms, char **reply_buffer, size_t *reply_buffer_len);
+    pub fn rados_notify2(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        buf: *const c_char,
+        buf_len: c_int,
+        timeout_ms: u64,
+        reply_buffer: *mut *mut c_char,
+        reply_buffer_len: *mut size_t,
+    ) -> c_int;
+    // int rados_decode_notify_response(char *reply_buffer, size_t reply_buffer_len,
+    //     struct notify_ack_t **acks, size_t *nr_acks,
+    //     struct notify_timeout_t **timeouts, size_t *nr_timeouts);
+    pub fn rados_decode_notify_response(
+        reply_buffer: *mut c_char,
+        reply_buffer_len: size_t,
+        acks: *mut *mut notify_ack_t,
+        nr_acks: *mut size_t,
+        timeouts: *mut *mut notify_timeout_t,
+        nr_timeouts: *mut size_t,
+    ) -> c_int;
+    // void rados_free_notify_response(struct notify_ack_t *acks, size_t nr_acks,
+    //                                 struct notify_timeout_t *timeouts);
+    pub fn rados_free_notify_response(
+        acks: *mut notify_ack_t,
+        nr_acks: size_t,
+        timeouts: *mut notify_timeout_t,
+    );
+    // void rados_buffer_free(char *buf);
+    pub fn rados_buffer_free(buf: *mut c_char);
 }
 
 #[link(name = "rbd")]

@@ -42,6 +42,7 @@ mod aio;
 mod ffi;
 mod object;
 mod store;
+mod watch;
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::io;
@@ -53,6 +54,7 @@ use std::time::Duration;
 
 pub use object::{ObjectRead, VersionMismatch};
 pub use store::RbdStore;
+pub use watch::{MAX_LABEL, Presence};
 
 /// Largest length handed to one librbd call: librbd returns byte counts as `int` internally
 /// and refuses discards longer than `INT_MAX`.

@@ -4,18 +4,32 @@
 
 use std::io;
 
-use super::Image;
+use super::{Image, Presence};
 use crate::aligned::AlignedBuf;
 use crate::volume::store::{AioDone, BlockStore};
 
 /// A volume's bytes in an RBD image: offset for offset, the same layout as a volume file.
 pub struct RbdStore {
     image: Image,
+    /// Held while this store reads a snapshot that other hosts must not delete under it
+    /// ([`Presence`]); unwatched when the store goes.
+    _presence: Option<Presence>,
 }
 
 impl RbdStore {
     pub fn new(image: Image) -> RbdStore {
-        RbdStore { image }
+        RbdStore {
+            image,
+            _presence: None,
+        }
+    }
+
+    /// A store that announces itself as a reader for as long as it lives.
+    pub fn with_presence(image: Image, presence: Presence) -> RbdStore {
+        RbdStore {
+            image,
+            _presence: Some(presence),
+        }
     }
 
     pub fn image(&self) -> &Image {
