@@ -435,7 +435,14 @@ fn worker(d: Weak<Daemon>, name: &str, ctl: &Ctl) {
             let step = v.reencrypt_step(&mut h).map_err(Daemon::vol_err(name))?;
             let n = match step {
                 Step::Done => {
-                    v.finish_reencrypt(&mut h).map_err(Daemon::vol_err(name))?;
+                    // "done" before the header drops its re-encryption: a reader between the
+                    // two sees "running" (the header still has it) or "done", never nothing
+                    // (which `reencrypt --wait` would take for the end, without a state).
+                    ctl.done.store(true, Ordering::SeqCst);
+                    if let Err(e) = v.finish_reencrypt(&mut h) {
+                        ctl.done.store(false, Ordering::SeqCst);
+                        return Err(Daemon::vol_err(name)(e));
+                    }
                     let loc = d.locate(name)?;
                     d.register(name, &h, loc.pool())?;
                     let s = Subject {
