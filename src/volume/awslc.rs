@@ -31,6 +31,7 @@ use aws_lc_sys as ffi;
 use super::VolumeError;
 use super::cipher::{UnitSize, XtsBackend, XtsKey, plain64_iv};
 use super::xts_batch::{self, Gf, Offsets};
+use super::xts_vaes::VaesXts;
 use crate::secmem::{LockedBox, RegionLock};
 
 /// Bytes of aws-lc's `EVP_AES_XTS_CTX` (crypto/fipsmodule/modes/internal.h): two `AES_KEY`
@@ -221,6 +222,8 @@ impl CtxSet {
 }
 
 pub struct AwsLcXts {
+    /// The fused VAES kernel where the CPU runs it, for the unit sizes [`fused_for`] names.
+    fused: Option<VaesXts>,
     enc: Mutex<Vec<CtxSet>>,
     dec: Mutex<Vec<CtxSet>>,
     key: XtsKeyCopy,
@@ -231,8 +234,22 @@ pub struct AwsLcXts {
 /// The key kept to make more contexts on demand (zeroized with the backend).
 struct XtsKeyCopy(XtsKey);
 
+/// Unit sizes where the fused kernel beats aws-lc's own XTS (docs/benchmarks.md, "Sector
+/// cipher in runs of units").
+fn fused_for(unit: UnitSize) -> bool {
+    unit == UnitSize::B512
+}
+
 impl AwsLcXts {
+    /// aws-lc, with the fused kernel for 512-byte units where the CPU runs it.
     pub fn new(key: &XtsKey) -> Result<AwsLcXts, VolumeError> {
+        let mut x = AwsLcXts::portable(key)?;
+        x.fused = VaesXts::new(key);
+        Ok(x)
+    }
+
+    /// aws-lc alone, whatever the CPU (tests compare it with the fused kernel).
+    pub fn portable(key: &XtsKey) -> Result<AwsLcXts, VolumeError> {
         let copy = XtsKey::new(key.bytes())?;
         // Check the key once up front so later context creation cannot fail on it.
         let mut first = CtxSet::new(key, true)?;
@@ -242,6 +259,7 @@ impl AwsLcXts {
         xts_batch::chain_offsets(Gf::from_bytes(&s), UnitSize::B512, &mut offsets);
         zeroize::Zeroize::zeroize(&mut s);
         Ok(AwsLcXts {
+            fused: None,
             enc: Mutex::new(vec![first]),
             dec: Mutex::new(Vec::new()),
             key: XtsKeyCopy(copy),
@@ -263,10 +281,19 @@ impl AwsLcXts {
 
 impl XtsBackend for AwsLcXts {
     fn encrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]) {
-        self.with_ctx(true, |c| c.run(first_unit, unit, data, &self.offsets));
+        match &self.fused {
+            Some(f) if fused_for(unit) => f.apply(true, first_unit, unit, data),
+            _ => self.with_ctx(true, |c| c.run(first_unit, unit, data, &self.offsets)),
+        }
     }
     fn decrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]) {
-        self.with_ctx(false, |c| c.run(first_unit, unit, data, &self.offsets));
+        match &self.fused {
+            Some(f) if fused_for(unit) => f.apply(false, first_unit, unit, data),
+            _ => self.with_ctx(false, |c| c.run(first_unit, unit, data, &self.offsets)),
+        }
+    }
+    fn fused(&self) -> bool {
+        self.fused.is_some()
     }
 }
 

@@ -77,6 +77,10 @@ impl UnitSize {
 pub trait XtsBackend: Send + Sync {
     fn encrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]);
     fn decrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]);
+    /// Whether calls at some unit size go through the fused VAES kernel (`xts_vaes`).
+    fn fused(&self) -> bool {
+        false
+    }
 }
 
 /// Which implementation a [`SectorCipher`] uses.
@@ -104,6 +108,27 @@ impl SectorCipher {
             Backend::Soft => Box::new(super::soft::SoftXts::new(key)),
         };
         Ok(SectorCipher { inner, unit })
+    }
+
+    /// As [`SectorCipher::new`] but never on the fused VAES kernel (`xts_vaes`): the paths a
+    /// CPU without VAES/AVX-512 takes, for tests and benchmarks that compare the two.
+    #[doc(hidden)]
+    pub fn portable(
+        key: &XtsKey,
+        unit: UnitSize,
+        backend: Backend,
+    ) -> Result<SectorCipher, VolumeError> {
+        let inner: Box<dyn XtsBackend> = match backend {
+            Backend::AwsLc => Box::new(super::awslc::AwsLcXts::portable(key)?),
+            Backend::Soft => Box::new(super::soft::SoftXts::portable(key)),
+        };
+        Ok(SectorCipher { inner, unit })
+    }
+
+    /// Whether this cipher runs the fused VAES kernel (`xts_vaes`) at some unit size.
+    #[doc(hidden)]
+    pub fn fused(&self) -> bool {
+        self.inner.fused()
     }
 
     pub fn unit(&self) -> UnitSize {
