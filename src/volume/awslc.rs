@@ -234,14 +234,14 @@ pub struct AwsLcXts {
 /// The key kept to make more contexts on demand (zeroized with the backend).
 struct XtsKeyCopy(XtsKey);
 
-/// Unit sizes where the fused kernel beats aws-lc's own XTS (docs/benchmarks.md, "Sector
-/// cipher in runs of units").
+/// Unit sizes where the fused kernel beats aws-lc's own XTS: both, lone units and runs
+/// (docs/benchmarks.md, "Sector cipher in runs of units").
 fn fused_for(unit: UnitSize) -> bool {
-    unit == UnitSize::B512
+    matches!(unit, UnitSize::B512 | UnitSize::B4096)
 }
 
 impl AwsLcXts {
-    /// aws-lc, with the fused kernel for 512-byte units where the CPU runs it.
+    /// aws-lc, with the fused kernel where the CPU runs it ([`fused_for`]).
     pub fn new(key: &XtsKey) -> Result<AwsLcXts, VolumeError> {
         let mut x = AwsLcXts::portable(key)?;
         x.fused = VaesXts::new(key);

@@ -6,7 +6,7 @@
 //! per run:
 //!
 //! ```text
-//!  groups of up to 16 units:  T0[u] = E_K2(plain64(first + u))   4 units per zmm, one VAES pass
+//!  units by fours:  T0[u] = E_K2(plain64(first + u))   one zmm, encrypted one four ahead
 //!  per unit, 16 blocks (4 zmm) at a time:
 //!     tweaks  t[i] = T0 * x^(4i .. 4i+3)     (per 128-bit lane: shifts + VPCLMULQDQ by 0x87)
 //!     x = data ^ t ^ rk0  (one ternary-logic op);  13 VAES rounds;  last round with key rk14 ^ t
@@ -20,9 +20,10 @@
 //!
 //! Keys: the three schedules (K1 encrypt, K1 decrypt, K2 encrypt; 720 bytes) are expanded with
 //! AES-NI straight into locked memory (`secmem::LockedBox`, zeroized on drop); no `Debug`.
-//! In the kernel the round keys and tweaks live in zmm registers (15 + 4 + 4 + 4 data of 32):
-//! the compiled kernel has no vector spill to the stack (objdump of the release build at the
-//! time of writing), so no stack copy is left to wipe.
+//! The kernel reads each round key from that locked memory where it uses it (volatile loads,
+//! see `bcast_volatile`); tweaks stay in registers. The compiled kernel has no vector spill
+//! to the stack (objdump of the release build at the time of writing): no stack copy of a
+//! key or tweak is left to wipe.
 //!
 //! Used where the CPU has AVX-512F/BW, VAES, VPCLMULQDQ and AES-NI (checked at run time,
 //! [`VaesXts::new`] returns `None` elsewhere and the callers keep their portable paths).
@@ -126,15 +127,20 @@ mod x86 {
 
     use super::Schedule;
 
-    /// Units whose initial tweaks are encrypted in one pass (4 zmm of 4 lanes).
-    const GROUP: usize = 16;
-
-    /// Round key `r` in all four 128-bit lanes.
+    /// Round key `r` in all four 128-bit lanes, loaded from the locked schedule at each use:
+    /// a volatile load cannot be hoisted out of the loops, where the compiler then spilled
+    /// the keys to the stack for lack of registers (15 round keys each for K1 and K2 beside
+    /// the data, tweaks and constants). Costs ~7 % on long runs against keys held in
+    /// registers (and spilled), measured; the key loads are not on the critical path.
     #[inline(always)]
-    unsafe fn bcast(s: &Schedule, r: usize) -> __m512i {
-        // SAFETY: s[r] is 16 readable bytes (r < 15 at every caller: constant indices);
-        // loadu has no alignment requirement; AVX-512F is enabled in the calling kernel.
-        unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(s[r].as_ptr().cast())) }
+    unsafe fn bcast_volatile(s: &Schedule, r: usize) -> __m512i {
+        debug_assert_eq!(s[r].as_ptr() as usize % 16, 0);
+        // SAFETY: s[r] is 16 readable bytes, 16-byte aligned (Schedules is align(64) and every
+        // round key starts at a multiple of 16), as read_volatile of an __m128i needs.
+        unsafe {
+            let k = core::ptr::read_volatile(s[r].as_ptr().cast::<__m128i>());
+            _mm512_broadcast_i32x4(k)
+        }
     }
 
     /// `a ^ b ^ c` in one instruction.
@@ -174,39 +180,24 @@ mod x86 {
         }
     }
 
-    /// `ceil(g / 4)` zmm of initial tweaks for units `n .. n + g`: lane l of register i is
-    /// E_K2(plain64(n + 4i + l)) (unit numbers wrap like u64).
+    /// Initial tweaks of units `n .. n + 4` in one zmm: lane l is E_K2(plain64(n + l)) (unit
+    /// numbers wrap like u64).
     #[inline(always)]
-    unsafe fn initial_tweaks<const N: usize>(tk: &Schedule, n: u64) -> [__m512i; 4] {
-        // SAFETY: AVX-512F/VAES register operations and key loads (bcast), enabled in the
-        // calling kernel.
+    unsafe fn initial_tweaks(tk: &Schedule, n: u64) -> __m512i {
+        // SAFETY: AVX-512F/VAES register operations and key loads (bcast_volatile), enabled in
+        // the calling kernel.
         unsafe {
-            let mut v = [_mm512_setzero_si512(); 4];
-            for (i, r) in v.iter_mut().enumerate().take(N) {
-                let b = n.wrapping_add(4 * i as u64);
-                *r = _mm512_set_epi64(
-                    0,
-                    b.wrapping_add(3) as i64,
-                    0,
-                    b.wrapping_add(2) as i64,
-                    0,
-                    b.wrapping_add(1) as i64,
-                    0,
-                    b as i64,
-                );
-                *r = _mm512_xor_si512(*r, bcast(tk, 0));
-            }
+            let lo = _mm512_add_epi64(
+                _mm512_set1_epi64(n as i64),
+                _mm512_set_epi64(0, 3, 0, 2, 0, 1, 0, 0),
+            );
+            // High halves zero: plain64 is the unit number in the low 8 bytes.
+            let iv = _mm512_and_si512(lo, _mm512_set_epi64(0, -1, 0, -1, 0, -1, 0, -1));
+            let mut v = _mm512_xor_si512(iv, bcast_volatile(tk, 0));
             for round in 1..14 {
-                let k = bcast(tk, round);
-                for r in v.iter_mut().take(N) {
-                    *r = _mm512_aesenc_epi128(*r, k);
-                }
+                v = _mm512_aesenc_epi128(v, bcast_volatile(tk, round));
             }
-            let k = bcast(tk, 14);
-            for r in v.iter_mut().take(N) {
-                *r = _mm512_aesenclast_epi128(*r, k);
-            }
-            v
+            _mm512_aesenclast_epi128(v, bcast_volatile(tk, 14))
         }
     }
 
@@ -231,7 +222,6 @@ mod x86 {
         // (i < 4, s < ub/256) inside a unit chunk of exactly `ub` bytes from chunks_exact_mut,
         // so in bounds; loadu/storeu need no alignment.
         unsafe {
-            let rk: [__m512i; 15] = core::array::from_fn(|r| bcast(ks, r));
             let lane_k = |base: i64| {
                 _mm512_set_epi64(
                     base + 3,
@@ -245,21 +235,23 @@ mod x86 {
                 )
             };
             let k_lo = [lane_k(0), lane_k(4), lane_k(8), lane_k(12)];
-            let mut n = first;
-            for group in data.chunks_mut(GROUP * ub) {
-                let g = group.len() / ub;
-                let t0 = match g.div_ceil(4) {
-                    1 => initial_tweaks::<1>(tk, n),
-                    2 => initial_tweaks::<2>(tk, n),
-                    3 => initial_tweaks::<3>(tk, n),
-                    _ => initial_tweaks::<4>(tk, n),
+            // Units go by fours (one zmm of initial tweaks); the next four's tweaks are
+            // encrypted before this four's data, so their latency hides behind its AES work.
+            let whole = data.len() - data.len() % ub;
+            let mut cur = initial_tweaks(tk, first);
+            for (q, quad) in data[..whole].chunks_mut(4 * ub).enumerate() {
+                let next_first = first.wrapping_add(4 * q as u64 + 4);
+                let more = (q + 1).saturating_mul(4 * ub) < whole;
+                let next = if more {
+                    initial_tweaks(tk, next_first)
+                } else {
+                    _mm512_setzero_si512()
                 };
-                n = n.wrapping_add(g as u64);
-                for (u, unit) in group.chunks_exact_mut(ub).enumerate() {
-                    // Lane u % 4 of register u / 4 in all four lanes.
-                    let l = (2 * (u % 4)) as i64;
+                for (u, unit) in quad.chunks_exact_mut(ub).enumerate() {
+                    // Lane u of `cur` in all four lanes.
+                    let l = 2 * u as i64;
                     let pick = _mm512_set_epi64(l + 1, l, l + 1, l, l + 1, l, l + 1, l);
-                    let t = _mm512_permutexvar_epi64(pick, t0[u / 4]);
+                    let t = _mm512_permutexvar_epi64(pick, cur);
                     let mut tw = [
                         mul_xk(t, k_lo[0]),
                         mul_xk(t, k_lo[1]),
@@ -271,19 +263,21 @@ mod x86 {
                         let mut x = [_mm512_setzero_si512(); 4];
                         for i in 0..4 {
                             let d = _mm512_loadu_si512(p.add(64 * i).cast());
-                            x[i] = xor3(d, tw[i], rk[0]);
+                            x[i] = xor3(d, tw[i], bcast_volatile(ks, 0));
                         }
-                        for key in &rk[1..14] {
+                        for r in 1..14 {
+                            let key = bcast_volatile(ks, r);
                             for xi in x.iter_mut() {
                                 *xi = if ENC {
-                                    _mm512_aesenc_epi128(*xi, *key)
+                                    _mm512_aesenc_epi128(*xi, key)
                                 } else {
-                                    _mm512_aesdec_epi128(*xi, *key)
+                                    _mm512_aesdec_epi128(*xi, key)
                                 };
                             }
                         }
+                        let k14 = bcast_volatile(ks, 14);
                         for i in 0..4 {
-                            let last = _mm512_xor_si512(rk[14], tw[i]);
+                            let last = _mm512_xor_si512(k14, tw[i]);
                             let y = if ENC {
                                 _mm512_aesenclast_epi128(x[i], last)
                             } else {
@@ -294,6 +288,7 @@ mod x86 {
                         }
                     }
                 }
+                cur = next;
             }
         }
     }
