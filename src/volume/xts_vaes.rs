@@ -32,9 +32,11 @@
 use super::cipher::{UnitSize, XtsKey};
 
 /// AES-256 round keys: 15 of 16 bytes.
+#[cfg(target_arch = "x86_64")]
 type Schedule = [[u8; 16]; 15];
 
 /// The key schedules of one XTS key, in locked memory.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct Schedules {
     /// K1, encryption.
