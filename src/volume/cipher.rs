@@ -9,7 +9,7 @@
 //!   keep many blocks in flight). The `xts-mode` crate is not used: it encrypts one 16-byte
 //!   block at a time and measured 0.03x `openssl speed -evp aes-256-xts` here.
 //!
-//! Where the CPU has VAES/AVX-512, both backends run [`xts_vaes`](super::xts_vaes): one fused
+//! Where the CPU has VAES/AVX-512, both backends run `xts_vaes`: one fused
 //! kernel for a whole run of units, tweaks in registers (bit-identical, tests/cipher_runs.rs).
 //! Elsewhere runs of 512-byte units take the multi-unit path of `xts_batch` in both backends.
 //!

@@ -220,9 +220,9 @@ mod x86 {
         debug_assert!(ub == 512 || ub == 4096, "unit size {ub}");
         debug_assert_eq!(data.len() % ub, 0, "whole units only");
         // SAFETY: (whole body) register operations need the features this function enables
-        // (the caller's contract); every load and store is of 64 bytes at offset 64*i + 256*s
-        // (i < 4, s < ub/256) inside a unit chunk of exactly `ub` bytes from chunks_exact_mut,
-        // so in bounds; loadu/storeu need no alignment.
+        // (the caller's contract); every load and store is of 64 bytes at offset 64*i (i < 4)
+        // of a `step` of exactly 256 bytes (chunks_exact_mut of a unit), so in bounds;
+        // loadu/storeu need no alignment.
         unsafe {
             let lane_k = |base: i64| {
                 _mm512_set_epi64(
