@@ -9,7 +9,9 @@
 //!   keep many blocks in flight). The `xts-mode` crate is not used: it encrypts one 16-byte
 //!   block at a time and measured 0.03x `openssl speed -evp aes-256-xts` here.
 //!
-//! Runs of 512-byte units take the multi-unit path of `xts_batch` in both backends.
+//! Where the CPU has VAES/AVX-512, both backends run `xts_vaes`: one fused
+//! kernel for a whole run of units, tweaks in registers (bit-identical, tests/cipher_runs.rs).
+//! Elsewhere runs of 512-byte units take the multi-unit path of `xts_batch` in both backends.
 //!
 //! The cipher never touches a file: it transforms buffers in place.
 
@@ -77,6 +79,10 @@ impl UnitSize {
 pub trait XtsBackend: Send + Sync {
     fn encrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]);
     fn decrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]);
+    /// Whether calls at some unit size go through the fused VAES kernel (`xts_vaes`).
+    fn fused(&self) -> bool {
+        false
+    }
 }
 
 /// Which implementation a [`SectorCipher`] uses.
@@ -104,6 +110,27 @@ impl SectorCipher {
             Backend::Soft => Box::new(super::soft::SoftXts::new(key)),
         };
         Ok(SectorCipher { inner, unit })
+    }
+
+    /// As [`SectorCipher::new`] but never on the fused VAES kernel (`xts_vaes`): the paths a
+    /// CPU without VAES/AVX-512 takes, for tests and benchmarks that compare the two.
+    #[doc(hidden)]
+    pub fn portable(
+        key: &XtsKey,
+        unit: UnitSize,
+        backend: Backend,
+    ) -> Result<SectorCipher, VolumeError> {
+        let inner: Box<dyn XtsBackend> = match backend {
+            Backend::AwsLc => Box::new(super::awslc::AwsLcXts::portable(key)?),
+            Backend::Soft => Box::new(super::soft::SoftXts::portable(key)),
+        };
+        Ok(SectorCipher { inner, unit })
+    }
+
+    /// Whether this cipher runs the fused VAES kernel (`xts_vaes`) at some unit size.
+    #[doc(hidden)]
+    pub fn fused(&self) -> bool {
+        self.inner.fused()
     }
 
     pub fn unit(&self) -> UnitSize {

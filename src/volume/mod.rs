@@ -23,6 +23,7 @@ mod soft;
 pub mod store;
 mod stripe;
 mod xts_batch;
+mod xts_vaes;
 
 use std::io;
 
