@@ -29,7 +29,10 @@ fn run(args: &[&str]) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(o.status.success() && out.contains("OK"), "reuse_check {args:?}: {out}");
+    assert!(
+        o.status.success() && out.contains("OK"),
+        "reuse_check {args:?}: {out}"
+    );
     out
 }
 

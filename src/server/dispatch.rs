@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!  connection ─┬▶ READ:  backend.start_read (no wait) ·····▶ librbd ─┐ callback: only queues ─┐
-//!  thread/task │▶ WRITE: ≤ 1 MiB: backend.start_write (encrypts, no wait) ─▶ librbd ─┘         │
+//!  thread/task │▶ WRITE: ≤ 64 KiB: backend.start_write (encrypts, no wait) ─▶ librbd ─┘        │
 //!              │         larger: blocking pool: start_write ─▶ librbd ─┘                        │
 //!              └▶ other (FLUSH, TRIM, ...) or refused by the backend: blocking pool: execute ──┐│
 //!  blocking pool: finish (decrypt READ data; fence check) ─▶ reply ─▶ `deliver` ◀──────────────┘┘
@@ -36,14 +36,12 @@ use crate::volume::store::AioDone;
 /// What a transmission path does with a reply: send it and release the request's permits.
 pub(super) type Deliver = Box<dyn FnOnce(Reply) + Send>;
 
-/// WRITEs at most this large (a `Volume`'s largest plain write, one `CHUNK`) are encrypted
-/// and started on the connection's (or TLS session's) thread; larger ones (which the volume
-/// declines anyway) go to a pool thread. A 1 MiB write costs 0.1 ms of XTS (AES-NI/VAES) and
-/// 0.05–0.15 ms to hand to librbd; handing it to a pool thread first cost a wake-up and two
-/// context switches per request on a machine whose CPUs the OSD needs (measured with uprobes,
-/// docs/benchmarks.md "RBD writes: where 1 MiB QD8 waited"). Was 64 KiB, when encryption
-/// was thought to be the cost.
-const START_INLINE_MAX: u32 = 1 << 20;
+/// WRITEs at most this large are encrypted and started on the connection's thread (about
+/// 16 µs of XTS at most); larger ones on a pool thread, so that several are encrypted at once.
+/// Starting 1 MiB writes inline too was measured (docs/benchmarks.md, "RBD 1 MiB writes:
+/// where they waited"): 10–20 % less daemon CPU per request but 20–30 % less throughput on
+/// the shared 2 vCPUs, as the connection thread stops reading the next payload meanwhile.
+const START_INLINE_MAX: u32 = 64 * 1024;
 
 /// A connection's completions of started requests, run on the blocking pool by at most
 /// [`drainers`] threads at once, each taking the next completion queued without a wake-up.
