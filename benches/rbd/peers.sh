@@ -5,7 +5,7 @@
 #   ceiling   fio --ioengine=rbd straight into librbd (async, no NBD, unencrypted)
 #   qemu-raw  qemu-nbd over rbd (raw), driven by fio's nbd engine — only if qemu's rbd module
 #             loads (QEMU_MODULE_DIR=DIR or a block-rbd.so unpacked from qemu-block-extra with
-#             `--qemu-modules DIR`; Debian 12's 7.2 module refuses qemu-utils 10.0: then "n/a")
+#             `--qemu-modules DIR`, or `fetch`: benches/rbd/qemu-modules.sh; else "n/a")
 #   librbd-luks2  librbd's own LUKS2 (rbd_encryption_format/load, AES-256), librbd's async API
 #             (benches/rbd/luks_peer.c; fio cannot load an encryption format)
 #   cryptvol  `cryptvol serve` (release build) with the volume on RBD, fio's nbd engine over
@@ -15,7 +15,7 @@
 # Also: attach latency (`volume attach` CLI wall time: open + lock + header + DEK unwrap,
 # median of 5) against librbd LUKS2's open + encryption_load.
 #
-#   benches/rbd/peers.sh [--size 1024] [--seconds 8] [--ramp 2] [--cryptvol BIN] [--qemu-modules DIR]
+#   benches/rbd/peers.sh [--size 1024] [--seconds 8] [--ramp 2] [--cryptvol BIN] [--qemu-modules DIR|fetch]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -35,6 +35,7 @@ for t in fio rbd ceph-mon ceph-osd cc nbdinfo; do
     command -v "$t" >/dev/null || { echo "peers.sh: $t is not installed" >&2; exit 2; }
 done
 [ -x "$bin" ] || { echo "peers.sh: no cryptvol binary at $bin (cargo build --release --bin cryptvol)" >&2; exit 2; }
+[ "$qmods" != fetch ] || qmods=$("$here/qemu-modules.sh") # same-build block-rbd.so
 bytes=$((mb << 20))
 log() { echo "[rbd-peers $(date -u +%H:%M:%S)] $*" >&2; }
 

@@ -6,11 +6,15 @@
 #
 #   ceiling   fio --ioengine=rbd straight into librbd (async, no NBD, unencrypted)
 #   luks2     librbd's own LUKS2 (AES-256) through librbd's async API (luks_peer.c, no NBD)
+#   qemu-raw  qemu-nbd over rbd raw (--cache=none: librbd's cache off, as cryptvol), fio's nbd
+#             engine; only with --qemu-modules DIR|fetch (qemu's block-rbd.so of the installed
+#             qemu's build: `fetch` runs benches/rbd/qemu-modules.sh)
 #   NAME      `cryptvol serve` (BIN) with the volume on RBD, fio's nbd engine over its Unix
 #             socket; several --cryptvol NAME=BIN for an A/B of two builds
 #
 #   benches/rbd/rounds.sh [--rounds 3] [--size 1024] [--seconds 6] [--ramp 2]
 #       [--jobs "randread randwrite seqread seqwrite"] [--cryptvol NAME=BIN]...
+#       [--qemu-modules DIR|fetch]
 #       [--hold]   (after setup: print how to reach everything and wait for Enter; profiling)
 #       [--nocache] (also the ceiling with rbd_cache = false, as cryptvol runs librbd: shows
 #                   what librbd's default cache (writearound) gives the ceiling)
@@ -20,7 +24,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 rounds=3; mb=1024; secs=6; ramp=2; jobs="randread randwrite seqread seqwrite"; hold=0; nocache=0
-variants=()
+variants=(); qmods=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) rounds=$2; shift ;;
@@ -31,7 +35,8 @@ while [ $# -gt 0 ]; do
         --cryptvol) variants+=("$2"); shift ;;
         --hold) hold=1 ;;
         --nocache) nocache=1 ;;
-        *) sed -n '2,17p' "$0"; exit 2 ;;
+        --qemu-modules) qmods=$2; shift ;;
+        *) sed -n '2,21p' "$0"; exit 2 ;;
     esac
     shift
 done
@@ -39,6 +44,7 @@ done
 for t in fio rbd ceph-mon ceph-osd cc; do
     command -v "$t" >/dev/null || { echo "rounds.sh: $t is not installed" >&2; exit 2; }
 done
+[ "$qmods" != fetch ] || qmods=$("$here/qemu-modules.sh")
 bytes=$((mb << 20))
 log() { echo "[rbd-rounds $(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -52,7 +58,7 @@ cleanup() {
 }
 trap cleanup EXIT
 cc -O2 -o "$D/luks_peer" "$here/luks_peer.c" -lrbd -lrados
-MEMSTORE_BYTES=$(( ((2 + ${#variants[@]}) * mb * 5 / 2 << 20) + (2 << 30) )) \
+MEMSTORE_BYTES=$(( ((3 + ${#variants[@]}) * mb * 5 / 2 << 20) + (2 << 30) )) \
     "$repo/tests/ceph/micro-ceph.sh" start "$D/c" >/dev/null
 export CEPH_CONF=$D/c/ceph.conf
 unset CEPH_ARGS
@@ -70,6 +76,16 @@ fio --name=fill --ioengine=rbd --clientname=$client --pool=rbd --rbdname=raw --r
 rbd --id $client create --size "$((mb + 16))M" luks # + the LUKS2 header area
 luks format
 luks fill $((1 << 20)) 8 0 0 >/dev/null
+if [ -n "$qmods" ]; then # its own image: no exclusive-lock ping-pong with the ceiling's fio
+    rbd --id $client create --size "${mb}M" qraw
+    QEMU_MODULE_DIR=$qmods qemu-nbd --persistent --shared=8 -f raw -x qraw -k "$D/qemu.sock" \
+        --cache=none --aio=threads "rbd:rbd/qraw:id=$client:conf=$CEPH_CONF" > "$D/qemu.log" 2>&1 &
+    pids+=($!)
+    quri="nbd+unix:///qraw?socket=$D/qemu.sock"
+    for _ in $(seq 1 100); do nbdinfo --size "$quri" >/dev/null 2>&1 && break; sleep 0.1; done
+    fio --name=fill --ioengine=nbd --uri="$quri" --rw=write --bs=1M --iodepth=8 --size="$bytes" \
+        --output-format=terse >/dev/null || { cat "$D/qemu.log" >&2; exit 1; }
+fi
 
 # One daemon per cryptvol binary, each with its own state and its own volume (image v-NAME).
 declare -A uri
@@ -120,6 +136,8 @@ for r in $(seq 1 "$rounds"); do
             echo "$r $job ceiling-nocache $(CEPH_CONF=$D/c/nocache.conf fio --name="$job" --ioengine=rbd \
                 --clientname=$client --pool=rbd --rbdname=raw "${common[@]}" | fio_json)" >> "$res"
         fi
+        [ -z "$qmods" ] || echo "$r $job qemu-raw $(fio --name="$job" --ioengine=nbd --uri="$quri" \
+            "${common[@]}" | fio_json)" >> "$res"
         echo "$r $job luks2 $(luks "$rw" "$bsb" "$qd" "$secs" "$ramp")" >> "$res"
         for n in "${names[@]}"; do
             echo "$r $job $n $(fio --name="$job" --ioengine=nbd --uri="${uri[$n]}" "${common[@]}" |
@@ -146,19 +164,21 @@ def ratios(job, a, b):
         if r[1] == job and r[2] in (a, b):
             rs.setdefault(r[0], {})[r[2]] = float(r[3] if job.startswith("seq") else r[4])
     return [d[a] / d[b] for d in rs.values() if a in d and b in d and d[b] > 0]
-print("| job | unit | ceiling | librbd LUKS2 | " + " | ".join(names) + " | " +
-      " | ".join(f"{n} ÷ ceiling | {n} ÷ LUKS2" for n in names) + " |")
-print("|" + "---|" * (4 + 3 * len(names)))
+base = [b for b in ("ceiling", "ceiling-nocache", "luks2", "qemu-raw") if any(r[2] == b for r in rows)]
+label = {"ceiling": "ceiling", "ceiling-nocache": "ceiling no cache", "luks2": "LUKS2", "qemu-raw": "qemu-nbd raw"}
+print("| job | unit | ceiling | librbd LUKS2 | qemu-nbd raw | " + " | ".join(names) + " | " +
+      " | ".join(f"{n} ÷ {label[b]}" for n in names for b in base) + " |")
+print("|" + "---|" * (5 + len(names) + len(names) * len(base)))
 for job in jobs:
     unit = "MiB/s" if job.startswith("seq") else "IOPS"
     def m(p):
         v = vals(job, p)
         return "%.0f (%s)" % (st.median(v), "/".join("%.0f" % x for x in v)) if v else "n/a"
-    cells = [job, unit, m("ceiling"), m("luks2")] + [m(n) for n in names]
+    cells = [job, unit, m("ceiling"), m("luks2"), m("qemu-raw")] + [m(n) for n in names]
     if vals(job, "ceiling-nocache"):
         cells[2] += " / no cache " + m("ceiling-nocache")
     for n in names:
-        for b in ("ceiling", "luks2"):
+        for b in base:
             rr = ratios(job, n, b)
             cells.append("%.2f" % st.median(rr) if rr else "n/a")
     print("| " + " | ".join(cells) + " |")

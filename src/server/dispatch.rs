@@ -38,6 +38,9 @@ pub(super) type Deliver = Box<dyn FnOnce(Reply) + Send>;
 
 /// WRITEs at most this large are encrypted and started on the connection's thread (about
 /// 16 µs of XTS at most); larger ones on a pool thread, so that several are encrypted at once.
+/// Starting 1 MiB writes inline too was measured (docs/benchmarks.md, "RBD 1 MiB writes:
+/// where they waited"): 10–20 % less daemon CPU per request but 20–30 % less throughput on
+/// the shared 2 vCPUs, as the connection thread stops reading the next payload meanwhile.
 const START_INLINE_MAX: u32 = 64 * 1024;
 
 /// A connection's completions of started requests, run on the blocking pool by at most
