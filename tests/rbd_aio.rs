@@ -142,3 +142,79 @@ fn requests_in_flight_through_a_frozen_cluster() {
     assert!(!a.log().contains("panicked"), "{}", a.log());
     assert!(a.stop().success());
 }
+
+/// 1 MiB writes sent into a frozen cluster: more bytes than the sockets take, so librados
+/// holds some in its own queue. librbd sends aio write buffers without a copy and holds each
+/// completion until it let go of the buffer (docs/rbd.md); every write must still be answered
+/// (an error) within a bound, never hang, and the image must hold no other write's bytes
+/// once the cluster is back.
+#[test]
+fn large_writes_into_a_frozen_cluster_are_answered() {
+    let test = "large_writes_into_a_frozen_cluster_are_answered";
+    if !common::tools_present(test, &["timeout", "qemu-io"]) || !libnbd_present(test) {
+        return;
+    }
+    let Some(mc) = MicroCeph::start(test) else {
+        return;
+    };
+    let a = volume(&mc, "v", "32M");
+    let o = common::qemu_io(&a.uri("v"), &["write -P 0x11 0 32M", "flush"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    mc.freeze();
+    // 24 writes of 1 MiB, each its own pattern, all in flight; answers awaited for at most
+    // ten op timeouts.
+    let script = format!(
+        r#"
+import nbd, time
+h = nbd.NBD()
+h.connect_uri("{uri}")
+done = {{}}
+def cb(i):
+    return lambda err: done.__setitem__(i, err) or 1
+for i in range(24):
+    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([0x20 + i]) * (1 << 20)), i << 20,
+                 completion=cb(i))
+t = time.monotonic()
+while len(done) < 24 and time.monotonic() - t < {limit}:
+    h.poll(100)
+print("ANSWERED", len(done), "in %.1f s" % (time.monotonic() - t), flush=True)
+"#,
+        uri = a.uri("v"),
+        limit = 10 * OP_TIMEOUT_SECS
+    );
+    let o = Command::new("timeout")
+        .args(["-s", "KILL", "120", PY, "-c", &script])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("{}{}", out.trim(), String::from_utf8_lossy(&o.stderr));
+    mc.thaw();
+    assert!(
+        out.contains("ANSWERED 24 "),
+        "writes into a frozen cluster not all answered: {out}\n{}",
+        a.log()
+    );
+    // Back: each MiB holds the old pattern or its own write's, nothing else.
+    std::thread::sleep(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let data = loop {
+        let o = Command::new("nbdcopy")
+            .args([&a.uri("v"), "-"])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break o.stdout;
+        }
+        assert!(Instant::now() < deadline, "not served after the thaw");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (i, mib) in data.chunks(1 << 20).enumerate() {
+        let own = if i < 24 { 0x20 + i as u8 } else { 0x11 };
+        let first = mib[0];
+        assert!(
+            (first == 0x11 || first == own) && mib.iter().all(|&b| b == first),
+            "MiB {i} holds bytes of another write or a torn one"
+        );
+    }
+    assert!(!a.log().contains("panicked"), "{}", a.log());
+}

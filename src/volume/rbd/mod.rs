@@ -193,13 +193,16 @@ impl Cluster {
             // µs of daemon CPU per READ. The callbacks only queue work (server/dispatch.rs),
             // so one thread keeps up with every volume of the daemon.
             ("librados_thread_count", "1".to_string()),
-            // librbd copies every aio write's buffer by default (the cache, when on, must own
-            // it). With the cache off it may send the caller's buffer and delay the completion
-            // until the messenger has released it, which is what `rbd/aio.rs` guarantees
-            // anyway: the buffer belongs to the operation until the callback. Saves a 1 MiB
-            // memcpy per 1 MiB write on the thread that starts it. Synchronous calls
-            // (`rbd_write2`) still copy.
-            ("rbd_disable_zero_copy_writes", "false".to_string()),
+            // librbd copies every aio write's buffer (its default, said here on purpose).
+            // Without the copy it sends the caller's buffer and holds the completion until
+            // the messenger has let go of it: with the cluster frozen, writes still queued in
+            // librados (more bytes than the socket takes) were then never answered — 12 of
+            // 24 in-flight 1 MiB writes after 30 s, against all 24 failed within the op
+            // timeout with the copy (tests/rbd_aio.rs,
+            // large_writes_into_a_frozen_cluster_are_answered). The copy costs ~18 % of the
+            // daemon's CPU per 1 MiB write (docs/benchmarks.md); a bound on every request
+            // comes first.
+            ("rbd_disable_zero_copy_writes", "true".to_string()),
         ];
         if let Some(k) = &cfg.keyring {
             let k = k
