@@ -637,9 +637,9 @@ fn serve_requests(
             );
         let mut slots = None;
         let (cmd, payload) = if cpu_bound {
-            // As many connections streaming as CPUs: each thread serves its own requests
-            // (no hand-off, no wait for a write slot; see `streaming.rs`).
-            let crowded = streaming::crowded();
+            // A WRITE while twice as many connections stream as there are CPUs: this thread
+            // stores it itself (no hand-off, no wait for a write slot; see `streaming.rs`).
+            let crowded = matches!(cmd, Command::Write { .. }) && streaming::crowded();
             let writer = match cmd {
                 Command::Write { .. } if !crowded => match acquire(&write_workers, 1) {
                     Some(p) => Some(p),
