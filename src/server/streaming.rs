@@ -42,9 +42,18 @@ fn crowded_with(streaming: usize, cpus: usize) -> bool {
 }
 
 /// One connection's place in the count; uncounted when dropped.
-#[derive(Default)]
 pub(super) struct Streamer {
     on: bool,
+    count: &'static AtomicUsize,
+}
+
+impl Default for Streamer {
+    fn default() -> Streamer {
+        Streamer {
+            on: false,
+            count: &STREAMING,
+        }
+    }
 }
 
 impl Streamer {
@@ -55,9 +64,9 @@ impl Streamer {
         }
         self.on = on;
         if on {
-            STREAMING.fetch_add(1, Ordering::Relaxed);
+            self.count.fetch_add(1, Ordering::Relaxed);
         } else {
-            STREAMING.fetch_sub(1, Ordering::Relaxed);
+            self.count.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -74,17 +83,30 @@ mod tests {
 
     #[test]
     fn counts_each_connection_once_and_uncounts_on_drop() {
-        // Other tests in this process may stream too: look at the difference only.
-        let mut a = Streamer::default();
-        let before = STREAMING.load(Ordering::SeqCst);
+        // A counter of its own: other tests in this process serve connections too.
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let get = || COUNT.load(Ordering::SeqCst);
+        let mut a = Streamer {
+            on: false,
+            count: &COUNT,
+        };
+        let mut b = Streamer {
+            on: false,
+            count: &COUNT,
+        };
         a.set(true);
         a.set(true);
-        let mut b = Streamer::default();
+        assert_eq!(get(), 1, "set twice, counted once");
         b.set(true);
-        assert!(STREAMING.load(Ordering::SeqCst) >= before + 2 || before > 0);
+        assert_eq!(get(), 2);
         b.set(false);
+        b.set(false);
+        assert_eq!(get(), 1);
+        b.set(true);
         drop(a);
+        assert_eq!(get(), 1, "dropped: uncounted");
         drop(b);
+        assert_eq!(get(), 0);
         assert!(crowded_with(4, 2) && crowded_with(5, 2) && crowded_with(2, 1));
         assert!(!crowded_with(3, 2) && !crowded_with(1, 1));
     }
