@@ -8,8 +8,9 @@
 //! threads of their own to run, and each hand-off only adds a wake-up, a context switch and a
 //! payload fetched into another core's cache, and a connection thread waits for its own
 //! previous write to leave the pool before handing on the next. Measured on 2 vCPUs (2 GiB in
-//! /dev/shm, `docs/benchmarks.md`, multi-connection): server CPU per GiB −25 to −35 % on
-//! `nbdcopy IMAGE URI` and 1 MiB writes on 4 connections, throughput unchanged.
+//! /dev/shm, `docs/benchmarks.md`, multi-connection, against main): server CPU per GiB −13 %
+//! on `nbdcopy IMAGE URI` and −5 % on 1 MiB writes with 4 connections, throughput within the
+//! noise (a one-per-CPU probe: −25 to −35 %, but see [`crowded_with`]).
 //!
 //! A connection counts from the header of a large READ or WRITE until it next waits for the
 //! client with nothing buffered (or sends a small request, or ends): an idle connection, or
