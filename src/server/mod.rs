@@ -17,6 +17,7 @@ mod identity;
 mod mem;
 pub mod qos;
 mod session;
+mod streaming;
 mod threaded;
 
 use std::io;

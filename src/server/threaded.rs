@@ -41,6 +41,7 @@ use super::exec::{
     runs_inline,
 };
 use super::session::{BoxStream, DRAIN_AFTER_STOP, Terms, invalid, wait_true};
+use super::streaming;
 use crate::aligned::AlignedBuf;
 use crate::nbd::DecodeError;
 use crate::nbd::transmission::{self as tx, Command, ExportLimits, ReplyTo};
@@ -126,15 +127,45 @@ const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 /// wakes nobody. Bounded by [`SPIN`] per wait, so an idle connection costs one short poll; and
 /// only when no request of this connection is on the blocking pool, whose threads need the CPU
 /// more than we do (measured: polling during 1 MiB reads cost 10% of sequential read speed).
+/// And not for the header that follows a large WRITE ([`spins_after`]): a client streaming
+/// large payloads is limited by bandwidth, not by the wake-up, and each poll is a `recv`
+/// syscall that finds nothing. Measured before this rule, 1 MiB writes on 2 connections:
+/// ~150 `recv` calls per MiB, nearly all of them `EAGAIN` polls, on CPUs the client and the
+/// other connection needed (`docs/benchmarks.md`, multi-connection).
 struct SpinRead {
     sock: Sock,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    /// Set by the connection thread: whether the next wait may poll (see above).
+    spin: bool,
+}
+
+/// Requests that move at most this much data are "small": the header after one may be
+/// polled for.
+const SPIN_AFTER_MAX: u32 = 64 * 1024;
+
+/// Whether the wait for the request after `cmd` may poll ([`SpinRead`]). After a READ of any
+/// size it may, as before this rule: with 1 MiB READs on 4 connections, not polling cost
+/// 10 % more CPU per byte in two A/B runs (the wake-ups cost more than the polls).
+fn spins_after(cmd: &Command) -> bool {
+    match *cmd {
+        Command::Write { length, .. } => length <= SPIN_AFTER_MAX,
+        _ => true,
+    }
+}
+
+/// Whether `cmd` moves more than a small request's data (a connection sending these counts
+/// as streaming, `streaming.rs`).
+fn streams(cmd: &Command) -> bool {
+    match *cmd {
+        Command::Read { length, .. } | Command::Write { length, .. } => length > SPIN_AFTER_MAX,
+        _ => false,
+    }
 }
 
 impl Read for SpinRead {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.in_flight.available_permits() < self.max_in_flight {
+        if !self.spin || self.in_flight.available_permits() < self.max_in_flight {
             return (&self.sock).read(buf);
         }
         let start = std::time::Instant::now();
@@ -428,6 +459,7 @@ fn serve_requests(
             sock: rd,
             in_flight: in_flight.clone(),
             max_in_flight,
+            spin: true,
         },
     );
     let backend = export.backend.clone();
@@ -463,16 +495,22 @@ fn serve_requests(
             }
         })
     };
+    let mut spin_next = true;
+    let mut streamer = streaming::Streamer::default();
     let result = loop {
         if conn.stopping() {
             break Ok(());
         }
-        // About to wait for the client: what we owe it goes out first.
-        if rd.buffer().len() < header_len
-            && let Err(e) = conn.flush()
-        {
-            break Err(e);
+        // About to wait for the client: what we owe it goes out first, and this connection
+        // stops counting as streaming until its next large request.
+        if rd.buffer().len() < header_len {
+            streamer.set(false);
+            if let Err(e) = conn.flush() {
+                break Err(e);
+            }
         }
+        // Polls for the header only after a small request; never for a payload.
+        rd.get_mut().spin = spin_next;
         let mut hdr_buf = [0u8; tx::EXTENDED_REQUEST_HEADER_LEN];
         let hdr = &mut hdr_buf[..header_len];
         match rd.read_exact(hdr) {
@@ -505,8 +543,13 @@ fn serve_requests(
             cookie: h.cookie,
             offset: h.offset,
         };
+        rd.get_mut().spin = false;
         let cmd = match tx::validate(&h, &lim) {
-            Ok(c) => c,
+            Ok(c) => {
+                spin_next = spins_after(&c);
+                streamer.set(streams(&c));
+                c
+            }
             Err(rej) => {
                 if rej.skip_payload > tx::MAX_SKIP {
                     // A payload this large is not worth reading to stay in sync.
@@ -605,19 +648,27 @@ fn serve_requests(
             );
         let mut slots = None;
         let (cmd, payload) = if cpu_bound {
+            // A WRITE while twice as many connections stream as there are CPUs: this thread
+            // stores it itself (no hand-off, no wait for a write slot; see `streaming.rs`).
+            let crowded = matches!(cmd, Command::Write { .. }) && streaming::crowded();
             let writer = match cmd {
-                Command::Write { .. } => match acquire(&write_workers, 1) {
+                Command::Write { .. } if !crowded => match acquire(&write_workers, 1) {
                     Some(p) => Some(p),
                     None => break Ok(()),
                 },
                 _ => None,
             };
-            match cpu_slots().clone().try_acquire_owned() {
-                Ok(s) => {
+            let slot = if crowded {
+                None
+            } else {
+                cpu_slots().clone().try_acquire_owned().ok()
+            };
+            match slot {
+                Some(s) => {
                     slots = Some((writer, s));
                     (cmd, payload)
                 }
-                Err(_) => {
+                None => {
                     drop(writer);
                     let served = match cmd {
                         Command::Read { .. } => {

@@ -12,6 +12,7 @@
 mod aio;
 mod awslc;
 pub mod cipher;
+mod dataspan;
 mod direct;
 mod disk;
 pub mod header;

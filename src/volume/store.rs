@@ -156,6 +156,8 @@ pub struct FileStore {
     no_nowait: AtomicBool,
     /// O_DIRECT: the alignment every transfer needs (0: page cache).
     direct: usize,
+    /// The last data found by [`BlockStore::allocation`], until a punch ([`DataSpan`]).
+    span: super::dataspan::DataSpan,
 }
 
 impl FileStore {
@@ -164,6 +166,7 @@ impl FileStore {
             file,
             no_nowait: AtomicBool::new(false),
             direct: 0,
+            span: Default::default(),
         }
     }
 
@@ -175,6 +178,7 @@ impl FileStore {
             file,
             no_nowait: AtomicBool::new(true),
             direct: align,
+            span: Default::default(),
         }
     }
 
@@ -298,20 +302,33 @@ impl BlockStore for FileStore {
         self.file.sync_data()
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        sys::punch_hole(self.file.as_raw_fd(), offset, len)
+        let r = sys::punch_hole(self.file.as_raw_fd(), offset, len);
+        // Also after a failed punch: part of the range may be a hole now.
+        self.span.punched();
+        r
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        let r = self.file.set_len(len);
+        self.span.punched();
+        r
     }
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
         let fd = self.file.as_raw_fd();
         let end = offset + len;
         let mut runs = Vec::new();
         let mut pos = offset;
+        let generation = self.span.generation();
         while pos < end {
+            // Inside the data found last time: no seek (see `dataspan.rs`).
+            if let Some(data_end) = self.span.data_end(pos) {
+                let to = data_end.min(end);
+                runs.push((to - pos, false));
+                pos = to;
+                continue;
+            }
             // Where does data start at or after pos? ENXIO: no more data -> hole to the end.
             let data = sys::seek(fd, pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
             if data > pos {
@@ -319,7 +336,11 @@ impl BlockStore for FileStore {
                 pos = data;
                 continue;
             }
-            let hole = sys::seek(fd, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            let found = sys::seek(fd, pos, libc::SEEK_HOLE)?;
+            if let Some(h) = found {
+                self.span.remember(pos, h, generation);
+            }
+            let hole = found.unwrap_or(end).min(end);
             let hole = hole.max(pos + 1).min(end);
             runs.push((hole - pos, false));
             pos = hole;
