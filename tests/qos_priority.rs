@@ -16,7 +16,10 @@ use serde_json::Value;
 /// The nice values of the daemon's connection threads (`nbd-conn`), by thread id.
 fn conn_nices(pid: u32) -> Vec<(u32, i64)> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
             continue; // the thread ended meanwhile
         };
