@@ -11,6 +11,7 @@
 mod accept;
 pub mod backend;
 mod bufpool;
+mod demote;
 mod dispatch;
 mod exec;
 mod identity;

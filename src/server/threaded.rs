@@ -35,6 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use super::ServerConfig;
 use super::backend::OpenExport;
 use super::bufpool::BufPool;
+use super::demote::Demotion;
 use super::dispatch::{Completions, Deliver, dispatch};
 use super::exec::{
     Reply, Tally, budget_kib, error_reply, execute_guarded, execute_inline, request_kib,
@@ -481,6 +482,7 @@ fn serve_requests(
     let completions = Completions::new(rt.clone());
     let mut stop = conn.stopped.subscribe();
     let (qos, mut qos_stop) = (export.qos.clone(), conn.stopped.subscribe());
+    let mut demotion = Demotion::new();
     // A permit, or `None` once the connection stops; the queue goes out before any real wait.
     let mut acquire = |sem: &Arc<Semaphore>, n: u32| -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = sem.clone().try_acquire_many_owned(n) {
@@ -576,14 +578,18 @@ fn serve_requests(
             break Ok(());
         }
         // Over the volume's QoS limit: wait here, replies owed sent first (server/qos.rs).
-        if let Some(q) = &qos
-            && let Some(ticket) = q.admit(&cmd)
-        {
-            if let Err(e) = conn.flush() {
-                break Err(e);
-            }
-            if !rt.block_on(q.wait_unless(ticket, &mut qos_stop)) {
-                break Ok(());
+        if let Some(q) = &qos {
+            if let Some(ticket) = q.admit(&cmd) {
+                if let Err(e) = conn.flush() {
+                    break Err(e);
+                }
+                // Throttled: other volumes' requests go first (server/demote.rs).
+                demotion.waited();
+                if !rt.block_on(q.wait_unless(ticket, &mut qos_stop)) {
+                    break Ok(());
+                }
+            } else {
+                demotion.went();
             }
         }
         let tally = Tally::begin(&stats, &cmd, arrived);
@@ -658,7 +664,10 @@ fn serve_requests(
                 },
                 _ => None,
             };
-            let slot = if crowded {
+            // A throttled connection serves its CPU work itself, at its lowered priority:
+            // a pool thread would run it at full priority, beside the volumes that are not
+            // throttled, and on every CPU at once (server/demote.rs).
+            let slot = if crowded || demotion.is_demoted() {
                 None
             } else {
                 cpu_slots().clone().try_acquire_owned().ok()
