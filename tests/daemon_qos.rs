@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pki::*;
-use common::{BIN, Env, have};
+use common::{Env, bench, bench_cmd, have};
 use serde_json::Value;
 
 const MIB: f64 = 1048576.0;
@@ -36,27 +36,6 @@ fn create_attach(env: &Env, name: &str, qos: &[&str]) {
     args.extend_from_slice(qos);
     env.json(&args);
     env.json(&["volume", "attach", name]);
-}
-
-fn bench_cmd(uri: &str, args: &str) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(["bench", "--json", uri])
-        .args(args.split_whitespace())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
-/// Runs `cryptvol bench --json URI ARGS`, which must succeed; its report.
-fn bench(uri: &str, args: &str) -> Value {
-    let o = bench_cmd(uri, args).output().unwrap();
-    let doc = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "bench {args}: {}\n{doc}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_str(&doc).unwrap_or_else(|e| panic!("bench --json: {e}: {doc}"))
 }
 
 fn total(r: &Value, k: &str) -> f64 {

@@ -10,8 +10,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use common::{BIN, Env, is_root};
-use serde_json::Value;
+use common::{Env, bench, is_root};
 
 /// The nice values of the daemon's connection threads (`nbd-conn`), by thread id.
 fn conn_nices(pid: u32) -> Vec<(u32, i64)> {
@@ -113,21 +112,6 @@ fn a_throttled_connection_runs_at_low_priority_until_its_limit_is_lifted() {
         read(&mut busy);
     }
     wait_nices(pid, &[0, 19], || read(&mut busy));
-}
-
-fn bench(uri: &str, args: &str) -> Value {
-    let o = std::process::Command::new(BIN)
-        .args(["bench", "--json", uri])
-        .args(args.split_whitespace())
-        .output()
-        .unwrap();
-    let doc = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "bench {args}: {}\n{doc}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_str(&doc).unwrap_or_else(|e| panic!("bench --json: {e}: {doc}"))
 }
 
 #[test]

@@ -39,18 +39,10 @@ fn volume(mc: &MicroCeph, name: &str, size: &str) -> Env {
 }
 
 fn run_load(a: &Env, seed: &str) {
-    let o = Command::new("timeout")
-        .args(["-s", "KILL", "300", PY, SCRIPT, "load", &a.uri("v")])
-        .args([&(16u64 << 20).to_string(), seed])
-        .output()
-        .unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let size = (16u64 << 20).to_string();
+    let (ok, out) = hosts::run_script(PY, SCRIPT, &["load", &a.uri("v"), &size, seed]);
     assert!(
-        o.status.success() && out.contains("OK checked="),
+        ok && out.contains("OK checked="),
         "aio_storm load: {out}\n{}",
         a.log()
     );

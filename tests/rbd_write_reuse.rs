@@ -11,27 +11,13 @@ mod common;
 #[path = "ceph_support/hosts.rs"]
 mod hosts;
 
-use std::process::Command;
-
 use ceph_support::{CLIENT_A, MicroCeph};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/reuse_check.py");
 
 fn run(py: &str, args: &[&str]) -> String {
-    let o = Command::new("timeout")
-        .args(["-s", "KILL", "300", py, SCRIPT])
-        .args(args)
-        .output()
-        .unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        o.status.success() && out.contains("OK"),
-        "reuse_check {args:?}: {out}"
-    );
+    let (ok, out) = hosts::run_script(py, SCRIPT, args);
+    assert!(ok && out.contains("OK"), "reuse_check {args:?}: {out}");
     out
 }
 

@@ -47,46 +47,21 @@ out=${out:-/tmp/cryptvol-seqab/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 work=$(mktemp -d "$dir/cryptvol-seqab.XXXXXX")
 log() { echo "[seqab $(date -u +%H:%M:%S)] $*" >&2; }
-pids=()
+# shellcheck source=../lib.sh
+. "$repo/benches/lib.sh"
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    kill_pids
     rm -rf "$work"
 }
 trap cleanup EXIT
-
-wait_nbd() {
-    local i
-    for i in $(seq 1 200); do
-        nbdinfo --size "$1" >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    echo "seqab.sh: no NBD server answers at $1" >&2
-    return 1
-}
-bytes=$($PY -c "import sys; s=sys.argv[1].upper(); m={'K':10,'M':20,'G':30}; print(int(s[:-1])<<m[s[-1]] if s[-1] in m else int(s))" "$size")
+bytes=$(to_bytes "$size")
 
 # --- servers ---------------------------------------------------------------------------------
 declare -A uri pid
 start_cryptvol() { # name binary
     local n=$1 b=$2 st=$work/$1
-    mkdir -p "$st"
-    "$b" init --state-dir "$st/state" >/dev/null
-    cat > "$st/cryptvol.toml" <<EOF
-state_dir = "$st/state"
-[control]
-socket = "$st/control.sock"
-[nbd]
-unix_socket = "$st/nbd.sock"
-[kms]
-root_key_file = "$st/state/root.key"
-EOF
-    "$b" serve --config "$st/cryptvol.toml" >"$out/$n.log" 2>&1 &
-    pid[$n]=$!; pids+=("$!")
-    for _ in $(seq 1 200); do
-        "$b" --socket "$st/control.sock" volume list >/dev/null 2>&1 && break
-        sleep 0.05
-    done
+    cryptvol_daemon "$b" "$st" "$out/$n.log"
+    pid[$n]=${pids[-1]}
     local cv=("$b" --socket "$st/control.sock")
     "${cv[@]}" key create --alias ab >/dev/null
     "${cv[@]}" volume create bench --size "$bytes" --key ab --sector-size "$sector" >/dev/null

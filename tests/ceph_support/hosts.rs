@@ -99,3 +99,19 @@ pub fn nbd_read(uri: &str) -> Vec<u8> {
     );
     o.stdout
 }
+
+/// Runs `py SCRIPT ARGS...` (killed after 300 s): whether it exited 0, and its stdout and
+/// stderr together.
+pub fn run_script(py: &str, script: &str, args: &[&str]) -> (bool, String) {
+    let o = Command::new("timeout")
+        .args(["-s", "KILL", "300", py, script])
+        .args(args)
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), out)
+}

@@ -443,3 +443,25 @@ pub fn python_nbd() -> Option<String> {
         None
     }
 }
+
+/// `cryptvol bench --json URI ARGS` (split on white space), its output piped.
+pub fn bench_cmd(uri: &str, args: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["bench", "--json", uri])
+        .args(args.split_whitespace())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `cryptvol bench --json URI ARGS`, which must succeed; its report.
+pub fn bench(uri: &str, args: &str) -> serde_json::Value {
+    let o = bench_cmd(uri, args).output().unwrap();
+    let doc = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "bench {args}: {}\n{doc}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&doc).unwrap_or_else(|e| panic!("bench --json: {e}: {doc}"))
+}
