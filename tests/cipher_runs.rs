@@ -36,6 +36,15 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// First unit numbers of a run: small ones, around 2^32 and up to the u64 wrap.
+fn first_units() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0u64..100_000,
+        (1u64 << 32) - 70..(1u64 << 32) + 4,
+        u64::MAX - 70..=u64::MAX,
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -45,11 +54,7 @@ proptest! {
     fn runs_agree_across_backends_and_with_single_units(
         small in any::<bool>(),
         units in 1usize..64,
-        start in prop_oneof![
-            0u64..100_000,
-            (1u64 << 32) - 70..(1u64 << 32) + 4,
-            u64::MAX - 70..=u64::MAX,
-        ],
+        start in first_units(),
         seed in any::<u64>(),
     ) {
         let unit = if small { UnitSize::B512 } else { UnitSize::B4096 };
@@ -126,11 +131,7 @@ proptest! {
     fn fused_kernel_matches_the_portable_paths(
         small in any::<bool>(),
         units in 1usize..64,
-        start in prop_oneof![
-            0u64..100_000,
-            (1u64 << 32) - 70..(1u64 << 32) + 4,
-            u64::MAX - 70..=u64::MAX,
-        ],
+        start in first_units(),
         offset in 0usize..64,
         seed in any::<u64>(),
     ) {
