@@ -3,9 +3,13 @@
 //! multiple of the sector (server-side read-modify-write) and requests from two connections on
 //! the same sectors.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::bench;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cryptvol");
 
@@ -103,21 +107,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn bench(uri: &str, args: &str) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args(["bench", "--json", uri])
-        .args(args.split_whitespace())
-        .output()
-        .unwrap();
-    let doc = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench {args}: {}\n{doc}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(&doc).unwrap_or_else(|e| panic!("bench --json: {e}: {doc}"))
 }
 
 fn verified(r: &serde_json::Value) -> u64 {
