@@ -295,6 +295,15 @@ impl XtsBackend for AwsLcXts {
             _ => self.with_ctx(false, |c| c.run(first_unit, unit, data, &self.offsets)),
         }
     }
+    fn decrypt_to(&self, first_unit: u64, unit: UnitSize, src: &[u8], dst: &mut [u8]) {
+        match &self.fused {
+            Some(f) if fused_for(unit) => f.apply_to(false, first_unit, unit, src, dst),
+            _ => {
+                dst.copy_from_slice(src);
+                self.decrypt(first_unit, unit, dst);
+            }
+        }
+    }
     fn fused(&self) -> bool {
         self.fused.is_some()
     }

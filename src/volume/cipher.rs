@@ -79,6 +79,12 @@ impl UnitSize {
 pub trait XtsBackend: Send + Sync {
     fn encrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]);
     fn decrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]);
+    /// Decrypts whole units of `src` into `dst` (same length). Backends with an out-of-place
+    /// kernel save the copy this default makes.
+    fn decrypt_to(&self, first_unit: u64, unit: UnitSize, src: &[u8], dst: &mut [u8]) {
+        dst.copy_from_slice(src);
+        self.decrypt(first_unit, unit, dst);
+    }
     /// Whether calls at some unit size go through the fused VAES kernel (`xts_vaes`).
     fn fused(&self) -> bool {
         false
@@ -147,6 +153,14 @@ impl SectorCipher {
     pub fn decrypt(&self, first_unit: u64, data: &mut [u8]) {
         debug_assert_eq!(data.len() % self.unit.bytes(), 0, "whole units only");
         self.inner.decrypt(first_unit, self.unit, data);
+    }
+
+    /// Decrypts whole units of `src` into `dst`, which must be as long (one pass on the fused
+    /// kernel; a copy and [`decrypt`](Self::decrypt) elsewhere).
+    pub fn decrypt_to(&self, first_unit: u64, src: &[u8], dst: &mut [u8]) {
+        assert_eq!(src.len(), dst.len(), "decrypt_to: lengths differ");
+        debug_assert_eq!(src.len() % self.unit.bytes(), 0, "whole units only");
+        self.inner.decrypt_to(first_unit, self.unit, src, dst);
     }
 }
 

@@ -320,9 +320,19 @@ impl Volume {
             let within = (pos % u) as usize;
             let unit_idx = pos / u;
             if within == 0 && buf.len() - done >= u as usize {
-                // Whole units: read ciphertext into the caller's buffer, decrypt in place.
                 let n = ((buf.len() - done) / u as usize * u as usize).min(piece);
                 let out = &mut buf[done..done + n];
+                if let Some(w) = (!self.encrypt_zeroes)
+                    .then(|| self.store.mapped(self.pos(pos), n))
+                    .flatten()
+                {
+                    // Mapped (tmpfs, thin): decrypt from the page cache into the caller's buffer.
+                    self.decrypt_units_from(k, unit_idx, w.bytes(), out)?;
+                    w.finish()?;
+                    done += n;
+                    continue;
+                }
+                // Whole units: read ciphertext into the caller's buffer, decrypt in place.
                 if !read(out, pos)? {
                     return Ok(false);
                 }
@@ -525,6 +535,36 @@ impl Volume {
     /// and reads as zeros. Encrypt-zeroes: it reads as zeros only where the store has a hole
     /// (never written, TRIM, WRITE_ZEROES); zero bytes written into allocated space are
     /// decrypted like any other ciphertext (and so read as noise, not as chosen zeros).
+    /// [`decrypt_units`](Self::decrypt_units) of a thin volume's ciphertext `src` into `out`
+    /// (as long), in one pass: an all-zero unit reads as zeros.
+    fn decrypt_units_from(
+        &self,
+        keys: Keys<'_>,
+        first: u64,
+        src: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), VolumeError> {
+        debug_assert!(!self.encrypt_zeroes, "encrypt-zeroes reads with pread");
+        let u = self.unit as usize;
+        let mut i = 0;
+        while i < src.len() {
+            let start = i;
+            while i < src.len() && !is_zero(&src[i..i + u]) {
+                i += u;
+            }
+            if i > start {
+                let f = first + (start / u) as u64;
+                keys.decrypt_to(f, &src[start..i], &mut out[start..i]);
+            }
+            let start = i;
+            while i < src.len() && is_zero(&src[i..i + u]) {
+                i += u;
+            }
+            out[start..i].fill(0);
+        }
+        Ok(())
+    }
+
     pub(super) fn decrypt_units(
         &self,
         keys: Keys<'_>,

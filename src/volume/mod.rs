@@ -16,6 +16,7 @@ mod dataspan;
 mod direct;
 mod disk;
 pub mod header;
+mod mapped;
 #[cfg(feature = "rbd")]
 pub mod rbd;
 pub mod reencrypt;

@@ -111,6 +111,24 @@ impl Keys<'_> {
     pub fn decrypt(&self, first: u64, data: &mut [u8]) {
         self.run(first, data, false);
     }
+    /// Decrypts whole units of `src` into `dst` (as long), each range under its key.
+    pub fn decrypt_to(&self, first: u64, src: &[u8], dst: &mut [u8]) {
+        let Some((new, b)) = self.new else {
+            return self.old.decrypt_to(first, src, dst);
+        };
+        let u = self.old.unit().bytes();
+        let n = (src.len() / u) as u64;
+        if first >= b {
+            self.old.decrypt_to(first, src, dst);
+        } else if first + n <= b {
+            new.decrypt_to(first, src, dst);
+        } else {
+            let at = (b - first) as usize * u;
+            let ((s_lo, s_hi), (d_lo, d_hi)) = (src.split_at(at), dst.split_at_mut(at));
+            new.decrypt_to(first, s_lo, d_lo);
+            self.old.decrypt_to(b, s_hi, d_hi);
+        }
+    }
     fn run(&self, first: u64, data: &mut [u8], enc: bool) {
         let go = |c: &SectorCipher, f: u64, d: &mut [u8]| {
             if enc {
@@ -600,6 +618,10 @@ mod tests {
     }
 
     fn open(store: &Arc<MemStore>) -> Volume {
+        open_on(store)
+    }
+
+    fn open_on<S: BlockStore + 'static>(store: &Arc<S>) -> Volume {
         let s: &dyn BlockStore = store.as_ref();
         let h = match read_header_from(s).unwrap() {
             h if h.reencrypt.is_some() => recover(s, &key(1), &key(2)).unwrap(),
@@ -709,6 +731,61 @@ mod tests {
     #[test]
     fn crash_cut_anywhere_recovers_4096_encrypt_zeroes() {
         cut_everywhere(4096, true);
+    }
+
+    /// On tmpfs reads decrypt straight from the file's mapping (`mapped.rs`): mid-migration
+    /// each unit with its own key, also where one read spans the boundary.
+    #[test]
+    fn mapped_reads_take_each_units_key_during_the_migration() {
+        for (sector, ez) in [(512, false), (4096, true), (4096, false)] {
+            let (base, want) = base(sector, ez);
+            let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+            let path = dir.path().join("v");
+            // A sparse copy: encrypt-zeroes reads allocated zeros as ciphertext.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            let snap = base.snapshot();
+            f.set_len(snap.len() as u64).unwrap();
+            for (i, page) in snap.chunks(4096).enumerate() {
+                if !is_zero(page) {
+                    std::os::unix::fs::FileExt::write_all_at(&f, page, i as u64 * 4096).unwrap();
+                }
+            }
+            let store = Arc::new(crate::volume::FileStore::new(f));
+            assert!(store.mapped(0, 4096).is_some(), "/dev/shm is mapped");
+            let v = open_on(&store);
+            check(&v, &want, "before");
+            let mut h = v
+                .begin_reencrypt(&key(2), "new", 4, vec![2; 100], 0)
+                .unwrap();
+            for i in 0.. {
+                if v.reencrypt_step(&mut h).unwrap() == Step::Done {
+                    break;
+                }
+                check(
+                    &v,
+                    &want,
+                    &format!("sector {sector} ez {ez} after step {i}"),
+                );
+                // Reads of every length around the boundary (pieces straddle it).
+                let mut got = vec![0u8; 3 * sector as usize + 1000];
+                let at = h
+                    .reencrypt
+                    .as_ref()
+                    .map_or(0, |r| r.boundary)
+                    .saturating_sub(u64::from(sector) + 100)
+                    .min(want.len() as u64 - got.len() as u64);
+                v.read(at, &mut got).unwrap();
+                assert!(got[..] == want[at as usize..at as usize + got.len()]);
+            }
+            v.finish_reencrypt(&mut h).unwrap();
+            check(&v, &want, "finished");
+        }
     }
 
     #[test]

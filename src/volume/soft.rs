@@ -92,6 +92,15 @@ impl XtsBackend for SoftXts {
     fn decrypt(&self, first_unit: u64, unit: UnitSize, data: &mut [u8]) {
         self.run(first_unit, unit, data, false);
     }
+    fn decrypt_to(&self, first_unit: u64, unit: UnitSize, src: &[u8], dst: &mut [u8]) {
+        match &self.engine {
+            Engine::Fused(f) => f.apply_to(false, first_unit, unit, src, dst),
+            Engine::Portable(_) => {
+                dst.copy_from_slice(src);
+                self.run(first_unit, unit, dst, false);
+            }
+        }
+    }
     fn fused(&self) -> bool {
         matches!(self.engine, Engine::Fused(_))
     }

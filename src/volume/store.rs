@@ -9,6 +9,7 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::direct::{self, CacheMode, DirectError};
+pub use super::mapped::Window;
 
 /// What a store calls when an I/O started without waiting ([`BlockStore::read_at_async`],
 /// [`BlockStore::write_at_async`]) is done: its buffer back, and the result. Called once, on a
@@ -31,6 +32,16 @@ pub trait BlockStore: Send + Sync {
     }
     /// Writes all of `buf` at `offset`, extending the store if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// `[offset, offset + len)` as memory to read in place (a file on tmpfs: its mapping,
+    /// `mapped.rs`), where the store has it so and the range holds data (no hole); `None`:
+    /// use [`read_at`](Self::read_at). Never waits for a device. The caller checks
+    /// [`Window::finish`] after reading. Not for encrypt-zeroes volumes: a read racing a
+    /// punch of the same range could fault the punched page back in as allocated zeros,
+    /// which such a volume reads as ciphertext (a thin volume reads them as zeros, as after
+    /// the punch).
+    fn mapped(&self, _offset: u64, _len: usize) -> Option<Window<'_>> {
+        None
+    }
     /// Starts filling `buf` from `offset` without a thread waiting for the device, where the
     /// store can (RBD: librbd's aio) and the range lies within the store; `done` is called
     /// once it is in ([`AioDone`]). `Err` gives both back, nothing started: use
@@ -103,6 +114,9 @@ impl<T: BlockStore + ?Sized> BlockStore for std::sync::Arc<T> {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
     }
+    fn mapped(&self, offset: u64, len: usize) -> Option<Window<'_>> {
+        (**self).mapped(offset, len)
+    }
     fn read_at_async(
         &self,
         buf: crate::aligned::AlignedBuf,
@@ -158,6 +172,8 @@ pub struct FileStore {
     direct: usize,
     /// The last data found by [`BlockStore::allocation`], until a punch ([`DataSpan`]).
     span: super::dataspan::DataSpan,
+    /// On tmpfs: the file mapped for reads ([`BlockStore::mapped`]), made at the first one.
+    map: std::sync::OnceLock<Option<super::mapped::Mapping>>,
 }
 
 impl FileStore {
@@ -167,6 +183,7 @@ impl FileStore {
             no_nowait: AtomicBool::new(false),
             direct: 0,
             span: Default::default(),
+            map: Default::default(),
         }
     }
 
@@ -179,6 +196,7 @@ impl FileStore {
             no_nowait: AtomicBool::new(true),
             direct: align,
             span: Default::default(),
+            map: Default::default(),
         }
     }
 
@@ -291,6 +309,34 @@ impl BlockStore for FileStore {
             }
         }
     }
+    fn mapped(&self, offset: u64, len: usize) -> Option<Window<'_>> {
+        if self.direct != 0 {
+            return None;
+        }
+        let map = self
+            .map
+            .get_or_init(|| {
+                let len = self.file.metadata().ok()?.len();
+                super::mapped::on_tmpfs(&self.file)
+                    .then(|| super::mapped::Mapping::new(&self.file, len))
+                    .flatten()
+            })
+            .as_ref()?;
+        // Data only: a read fault in a tmpfs hole allocates a page there (pread reads holes
+        // without), which would fill the file system with a sparse volume's zeros.
+        let end = offset.checked_add(len as u64)?;
+        let data_end = match self.span.data_end(offset) {
+            Some(e) => e,
+            None => match self.allocation(offset, len as u64).ok()?.first() {
+                Some(&(l, false)) => offset + l,
+                _ => return None,
+            },
+        };
+        if data_end < end {
+            return None;
+        }
+        map.window(offset, len)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.direct != 0 && !direct::aligned(buf, offset, self.direct) {
             return direct::write_bounced(&self.file, buf, offset, self.direct);
@@ -311,6 +357,10 @@ impl BlockStore for FileStore {
         Ok(self.file.metadata()?.len())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        // Before the file shrinks: no window may reach past its new end.
+        if let Some(Some(m)) = self.map.get() {
+            m.shrink(len);
+        }
         let r = self.file.set_len(len);
         self.span.punched();
         r

@@ -102,22 +102,67 @@ impl VaesXts {
     /// Transforms whole units of `data` in place, unit *k* with tweak `first_unit + k`. A
     /// trailing partial unit (callers never pass one) is left untouched.
     pub(crate) fn apply(&self, encrypt: bool, first_unit: u64, unit: UnitSize, data: &mut [u8]) {
+        let p = data.as_mut_ptr();
+        // SAFETY: `p` is valid for reads and writes of `data.len()` bytes (one slice).
+        unsafe { self.run(encrypt, first_unit, unit, p, p, data.len()) }
+    }
+
+    /// As [`apply`](Self::apply) from `src` into `dst` (same length) in one pass: e.g.
+    /// straight out of a file's mapping into a reply (`super::mapped`).
+    pub(crate) fn apply_to(
+        &self,
+        encrypt: bool,
+        first_unit: u64,
+        unit: UnitSize,
+        src: &[u8],
+        dst: &mut [u8],
+    ) {
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "XTS source and destination differ in length"
+        );
+        // SAFETY: `src` is readable and `dst` writable for their common length; a shared and
+        // a unique slice never overlap.
+        unsafe {
+            self.run(
+                encrypt,
+                first_unit,
+                unit,
+                src.as_ptr(),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        }
+    }
+
+    /// # Safety
+    /// `src` readable and `dst` writable for `len` bytes; they are the same or do not overlap.
+    unsafe fn run(
+        &self,
+        encrypt: bool,
+        first_unit: u64,
+        unit: UnitSize,
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             let k = &*self.keys;
             // SAFETY: a VaesXts exists only where supported() held (new), which covers every
-            // feature the kernel enables.
+            // feature the kernel enables; the pointers are the caller's contract.
             unsafe {
                 if encrypt {
-                    x86::xts::<true>(&k.enc, &k.tweak, first_unit, unit.bytes(), data);
+                    x86::xts::<true>(&k.enc, &k.tweak, first_unit, unit.bytes(), src, dst, len);
                 } else {
-                    x86::xts::<false>(&k.dec, &k.tweak, first_unit, unit.bytes(), data);
+                    x86::xts::<false>(&k.dec, &k.tweak, first_unit, unit.bytes(), src, dst, len);
                 }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (encrypt, first_unit, unit, data);
+            let _ = (encrypt, first_unit, unit, src, dst, len);
             unreachable!("VaesXts is never built off x86_64");
         }
     }
@@ -203,25 +248,34 @@ mod x86 {
         }
     }
 
-    /// XTS over whole units of `ub` bytes (512 or 4096) of `data`, unit k with tweak number
-    /// `first + k`. `ks` is the data key's schedule for the direction (`ENC`: encryption
-    /// schedule, else the equivalent-inverse one), `tk` the tweak key's encryption schedule.
+    /// XTS over the whole units of `ub` bytes (512 or 4096) of the `len` bytes at `src`, into
+    /// `dst`, unit k with tweak number `first + k`; a trailing partial unit is not touched.
+    /// `ks` is the data key's schedule for the direction (`ENC`: encryption schedule, else the
+    /// equivalent-inverse one), `tk` the tweak key's encryption schedule.
     ///
     /// # Safety
-    /// The CPU has AVX-512F, AVX-512BW, VAES, VPCLMULQDQ and AES-NI.
+    /// The CPU has AVX-512F, AVX-512BW, VAES, VPCLMULQDQ and AES-NI; `src` is readable and
+    /// `dst` writable for `len` bytes, and they are equal (in place) or do not overlap.
     #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one kernel: keys, position, two buffers"
+    )]
     pub(super) unsafe fn xts<const ENC: bool>(
         ks: &Schedule,
         tk: &Schedule,
         first: u64,
         ub: usize,
-        data: &mut [u8],
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
     ) {
         debug_assert!(ub == 512 || ub == 4096, "unit size {ub}");
-        debug_assert_eq!(data.len() % ub, 0, "whole units only");
+        debug_assert_eq!(len % ub, 0, "whole units only");
         // SAFETY: (whole body) register operations need the features this function enables
-        // (the caller's contract); every load and store is of 64 bytes at offset 64*i (i < 4)
-        // of a `step` of exactly 256 bytes (chunks_exact_mut of a unit), so in bounds;
+        // (the caller's contract); every load is of 64 bytes at `src + off` and every store
+        // at `dst + off` with off + 64 <= units * ub <= len, so in bounds of both buffers;
+        // a 256-byte step is loaded whole before any of it is stored, so in place is sound;
         // loadu/storeu need no alignment.
         unsafe {
             let lane_k = |base: i64| {
@@ -239,17 +293,18 @@ mod x86 {
             let k_lo = [lane_k(0), lane_k(4), lane_k(8), lane_k(12)];
             // Units go by fours (one zmm of initial tweaks); the next four's tweaks are
             // encrypted before this four's data, so their latency hides behind its AES work.
-            let whole = data.len() - data.len() % ub;
+            let units = len / ub;
             let mut cur = initial_tweaks(tk, first);
-            for (q, quad) in data[..whole].chunks_mut(4 * ub).enumerate() {
+            for q in 0..units.div_ceil(4) {
                 let next_first = first.wrapping_add(4 * q as u64 + 4);
-                let more = (q + 1).saturating_mul(4 * ub) < whole;
+                let more = 4 * (q + 1) < units;
                 let next = if more {
                     initial_tweaks(tk, next_first)
                 } else {
                     _mm512_setzero_si512()
                 };
-                for (u, unit) in quad.chunks_exact_mut(ub).enumerate() {
+                for u in 0..(units - 4 * q).min(4) {
+                    let unit_off = (4 * q + u) * ub;
                     // Lane u of `cur` in all four lanes.
                     let l = 2 * u as i64;
                     let pick = _mm512_set_epi64(l + 1, l, l + 1, l, l + 1, l, l + 1, l);
@@ -260,11 +315,11 @@ mod x86 {
                         mul_xk(t, k_lo[2]),
                         mul_xk(t, k_lo[3]),
                     ];
-                    for step in unit.chunks_exact_mut(256) {
-                        let p = step.as_mut_ptr();
+                    for step in (0..ub).step_by(256) {
+                        let (ip, op) = (src.add(unit_off + step), dst.add(unit_off + step));
                         let mut x = [_mm512_setzero_si512(); 4];
                         for i in 0..4 {
-                            let d = _mm512_loadu_si512(p.add(64 * i).cast());
+                            let d = _mm512_loadu_si512(ip.add(64 * i).cast());
                             x[i] = xor3(d, tw[i], bcast_volatile(ks, 0));
                         }
                         for r in 1..14 {
@@ -285,7 +340,7 @@ mod x86 {
                             } else {
                                 _mm512_aesdeclast_epi128(x[i], last)
                             };
-                            _mm512_storeu_si512(p.add(64 * i).cast(), y);
+                            _mm512_storeu_si512(op.add(64 * i).cast(), y);
                             tw[i] = mul_x16(tw[i]);
                         }
                     }
