@@ -25,8 +25,9 @@
 #
 # Jobs: seqread/seqwrite = 1 MiB QD8, randread/randwrite = 4 KiB QD32 (as peers.sh).
 # Before the rounds: the open cost of each encrypted peer, wall time (median of 3, ms) of
-# `luks_peer open` (connect + rbd_open + encryption_load) and of `qemu-img info` on each qemu
-# peer's image (qemu-raw: the baseline without a key to unlock).
+# `luks_peer open` (connect + rbd_open + encryption_load) and of a read-only `qemu-io` reading
+# 4 KiB from each qemu peer's image (qemu-raw: the baseline without a key to unlock; not
+# `qemu-img info`: it opens qemu's LUKS without unlocking a keyslot).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
         --hold) hold=1 ;;
         --nocache) nocache=1 ;;
         --qemu-modules) qmods=$2; shift ;;
-        *) sed -n '2,30p' "$0"; exit 2 ;;
+        *) sed -n '2,31p' "$0"; exit 2 ;;
     esac
     shift
 done
@@ -89,7 +90,7 @@ luks fill $((1 << 20)) 8 0 0 >/dev/null
 declare -A qopts quri
 qnames=()
 if [ -n "$qmods" ]; then
-    qemu() { QEMU_MODULE_DIR=$qmods "$@"; }
+    export QEMU_MODULE_DIR=$qmods # (not a wrapper function: $! must be qemu-nbd's own pid)
     secret=(--object "secret,id=sec0,file=$D/pass")
     frbd="file.driver=rbd,file.pool=rbd,file.user=$client,file.conf=$CEPH_CONF" # --image-opts
     rbd --id $client create --size "${mb}M" qraw
@@ -98,7 +99,7 @@ if [ -n "$qmods" ]; then
     rbd --id $client encryption format qluks2 luks2 "$D/pass"
     qopts[qemu-luks2]="driver=raw,$frbd,file.image=qluks2"
     qopts[qemu-luks2]+=",file.encrypt.format=luks2,file.encrypt.key-secret=sec0"
-    qemu qemu-img create -q -f luks "${secret[@]}" -o key-secret=sec0,iter-time=10 \
+    qemu-img create -q -f luks "${secret[@]}" -o key-secret=sec0,iter-time=10 \
         "rbd:rbd/qluks:id=$client:conf=$CEPH_CONF" "${mb}M" # qemu creates the image (+ header)
     qopts[qemu-luks]="driver=luks,key-secret=sec0,$frbd,file.image=qluks"
     qnames=(qemu-raw qemu-luks2 qemu-luks)
@@ -106,18 +107,21 @@ fi
 ms_median() { # CMD...: median wall time of 3 runs, ms
     local a b t=()
     for _ in 1 2 3; do
-        a=$(date +%s%N); "$@" >/dev/null; b=$(date +%s%N)
+        a=$(date +%s%N)
+        "$@" >/dev/null || { echo "rounds.sh: failed: $*" >&2; return 1; }
+        b=$(date +%s%N)
         t+=("$(( (b - a) / 1000000 ))")
     done
     printf '%s\n' "${t[@]}" | sort -n | sed -n 2p
 }
 opens="luks2 (luks_peer open) $(ms_median luks open)"
 for q in "${qnames[@]}"; do
-    opens+="; $q $(ms_median qemu qemu-img info "${secret[@]}" --image-opts "${qopts[$q]}")"
+    opens+="; $q $(ms_median qemu-io -r "${secret[@]}" --image-opts "${qopts[$q]}" \
+        -c "read 0 4096")"
 done
 log "open cost, median of 3 (ms): $opens"
 for q in "${qnames[@]}"; do
-    qemu qemu-nbd --persistent --shared=8 -x "$q" -k "$D/$q.sock" --cache=none --aio=threads \
+    qemu-nbd --persistent --shared=8 -x "$q" -k "$D/$q.sock" --cache=none --aio=threads \
         "${secret[@]}" --image-opts "${qopts[$q]}" > "$D/$q.log" 2>&1 &
     pids+=($!)
     quri[$q]="nbd+unix:///$q?socket=$D/$q.sock"
