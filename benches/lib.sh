@@ -1,7 +1,9 @@
+# shellcheck shell=bash
 # Shared pieces of the benchmark scripts (and tests/kernel/run.sh): source it, don't run it.
 #   pids      the background processes to end on exit (append with pids+=("$!"))
 #   kill_pids ends them (call from the script's own EXIT trap, beside its own cleanup)
-#   wait_nbd URI            waits until an NBD handshake answers (never sleep-and-hope)
+#   wait_nbd URI [SECS]     waits until an NBD handshake answers (never sleep-and-hope), at
+#                           most SECS (10) seconds: more for servers that pay a PBKDF first
 #   to_bytes SIZE           512, 64K, 2M, 1G -> bytes
 #   cryptvol_daemon BIN DIR LOG [EXTRA]
 #       `BIN init` a state dir in DIR, write DIR/cryptvol.toml (control socket DIR/control.sock,
@@ -17,8 +19,7 @@ kill_pids() {
 }
 
 wait_nbd() {
-    local i
-    for i in $(seq 1 200); do
+    for _ in $(seq 1 $(( ${2:-10} * 20 ))); do
         nbdinfo --size "$1" >/dev/null 2>&1 && return 0
         sleep 0.05
     done
@@ -44,7 +45,7 @@ ceph_section() { # CDIR CLIENT
 }
 
 cryptvol_daemon() { # BIN DIR LOG [EXTRA]
-    local bin=$1 st=$2 logf=$3 extra=${4:-} i
+    local bin=$1 st=$2 logf=$3 extra=${4:-}
     mkdir -p "$st"
     "$bin" init --state-dir "$st/state" >/dev/null
     cat > "$st/cryptvol.toml" <<TOML
@@ -59,7 +60,7 @@ $extra
 TOML
     "$bin" serve --config "$st/cryptvol.toml" >"$logf" 2>&1 &
     pids+=("$!")
-    for i in $(seq 1 200); do
+    for _ in $(seq 1 200); do
         "$bin" --socket "$st/control.sock" volume list >/dev/null 2>&1 && return 0
         sleep 0.05
     done
