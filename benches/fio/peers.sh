@@ -26,7 +26,10 @@
 # Each job: ramp then measure (3 s + 12 s; --quick: 1 s + 3 s); for each job every server runs
 # in turn, so slow drifts of the machine hit all servers alike.
 # Records per server: CPU seconds per GiB moved (utime+stime from /proc/PID/stat, over all
-# jobs including ramps) and peak RSS (VmHWM). Prints absolute figures and cryptvol's ratio to
+# jobs including ramps) and peak RSS (VmHWM less RssShmem at the end: a server that maps its
+# image on tmpfs, as cryptvol does for reads, has the image's own pages in its RSS, which are
+# the file's and not the server's memory; mapped pages stay mapped, so the final RssShmem is
+# their peak). Prints absolute figures and cryptvol's ratio to
 # each peer; renders the ratios (or, without cryptvol, every server relative to nbdkit file raw)
 # as a PNG bar chart with gnuplot.
 set -euo pipefail
@@ -165,7 +168,7 @@ want nbdkit-memory && start_bg nbdkit-memory "nbd+unix:///?socket=$work/nbdkit-m
 
 # Server CPU ticks (utime + stime; threads included) and peak RSS.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-hwm_kib() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM/ { h = $2 } /^RssShmem/ { s = $2 } END { print h - s }' "/proc/$1/status"; }
 
 # The LUKS images would otherwise read never-written (zero) ciphertext: fill every image once.
 # The LUKS peers share luks.img and the raw peers raw.img, so one fill per image suffices;

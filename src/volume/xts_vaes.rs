@@ -158,6 +158,7 @@ impl VaesXts {
                 } else {
                     x86::xts::<false>(&k.dec, &k.tweak, first_unit, unit.bytes(), src, dst, len);
                 }
+                x86::clear_vector_registers();
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -350,6 +351,82 @@ mod x86 {
         }
     }
 
+    /// Zeroes every vector register (zmm0-31, hence all xmm/ymm): the kernel leaves round
+    /// keys, tweaks and plaintext in them, and nothing else would overwrite zmm16-31 soon
+    /// (compiled code outside AVX-512 kernels never touches them; `vzeroupper` spares them).
+    /// Defence in depth, as the key schedules live in locked memory: ~20 instructions a call.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn clear_vector_registers() {
+        // SAFETY: register-only instructions (AVX and AVX-512F, the caller's contract); every
+        // register written is declared clobbered, so the compiler keeps nothing live in them.
+        unsafe {
+            core::arch::asm!(
+                "vzeroall",
+                "vpxord zmm16, zmm16, zmm16",
+                "vpxord zmm17, zmm17, zmm17",
+                "vpxord zmm18, zmm18, zmm18",
+                "vpxord zmm19, zmm19, zmm19",
+                "vpxord zmm20, zmm20, zmm20",
+                "vpxord zmm21, zmm21, zmm21",
+                "vpxord zmm22, zmm22, zmm22",
+                "vpxord zmm23, zmm23, zmm23",
+                "vpxord zmm24, zmm24, zmm24",
+                "vpxord zmm25, zmm25, zmm25",
+                "vpxord zmm26, zmm26, zmm26",
+                "vpxord zmm27, zmm27, zmm27",
+                "vpxord zmm28, zmm28, zmm28",
+                "vpxord zmm29, zmm29, zmm29",
+                "vpxord zmm30, zmm30, zmm30",
+                "vpxord zmm31, zmm31, zmm31",
+                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
+                out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
+                out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+                out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+                out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+    }
+
+    /// Whether every vector register reads zero (the test of [`clear_vector_registers`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn vector_registers_zero() -> bool {
+        let mut any: u64;
+        // SAFETY: register-only AVX-512F instructions; zmm0 and k1 are declared clobbered
+        // (zmm0 is ORed last, so it holds the OR of every register before the test).
+        unsafe {
+            core::arch::asm!(
+                "vpord zmm0, zmm0, zmm1", "vpord zmm0, zmm0, zmm2", "vpord zmm0, zmm0, zmm3",
+                "vpord zmm0, zmm0, zmm4", "vpord zmm0, zmm0, zmm5", "vpord zmm0, zmm0, zmm6",
+                "vpord zmm0, zmm0, zmm7", "vpord zmm0, zmm0, zmm8", "vpord zmm0, zmm0, zmm9",
+                "vpord zmm0, zmm0, zmm10", "vpord zmm0, zmm0, zmm11", "vpord zmm0, zmm0, zmm12",
+                "vpord zmm0, zmm0, zmm13", "vpord zmm0, zmm0, zmm14", "vpord zmm0, zmm0, zmm15",
+                "vpord zmm0, zmm0, zmm16", "vpord zmm0, zmm0, zmm17", "vpord zmm0, zmm0, zmm18",
+                "vpord zmm0, zmm0, zmm19", "vpord zmm0, zmm0, zmm20", "vpord zmm0, zmm0, zmm21",
+                "vpord zmm0, zmm0, zmm22", "vpord zmm0, zmm0, zmm23", "vpord zmm0, zmm0, zmm24",
+                "vpord zmm0, zmm0, zmm25", "vpord zmm0, zmm0, zmm26", "vpord zmm0, zmm0, zmm27",
+                "vpord zmm0, zmm0, zmm28", "vpord zmm0, zmm0, zmm29", "vpord zmm0, zmm0, zmm30",
+                "vpord zmm0, zmm0, zmm31",
+                "vptestmq k1, zmm0, zmm0",
+                "kmovq {any}, k1",
+                any = out(reg) any,
+                out("zmm0") _, out("k1") _,
+                options(nomem, nostack),
+            );
+        }
+        any == 0
+    }
+
     /// `t ^ (t << 32) ^ (t << 64) ^ (t << 96)`: the running XOR of a key-expansion step.
     #[inline(always)]
     unsafe fn spread(t: __m128i) -> __m128i {
@@ -430,6 +507,45 @@ mod x86 {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+
+    /// After a call the vector registers hold nothing of the key, the tweaks or the data; the
+    /// kernel alone leaves them full (so the check can fail).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_registers_are_cleared_after_a_call() {
+        if !supported() {
+            return;
+        }
+        let key = XtsKey::new(&(0..64u8).collect::<Vec<_>>()).unwrap();
+        let x = VaesXts::new(&key).unwrap();
+        let mut data = vec![0x3cu8; 8192];
+        let k = &*x.keys;
+        // SAFETY: supported() holds; scratch is one slice, in place.
+        let mut scratch = data.clone();
+        let zero_after_kernel = unsafe {
+            let p = scratch.as_mut_ptr();
+            x86::xts::<true>(&k.enc, &k.tweak, 9, 4096, p, p, 8192);
+            x86::vector_registers_zero()
+        };
+        assert!(
+            !zero_after_kernel,
+            "the raw kernel leaves its registers (the check sees them)"
+        );
+        x.apply(true, 9, UnitSize::B4096, &mut data);
+        // SAFETY: supported() holds.
+        assert!(
+            unsafe { x86::vector_registers_zero() },
+            "registers after apply"
+        );
+        let mut out = vec![0u8; 8192];
+        x.apply_to(false, 9, UnitSize::B4096, &data, &mut out);
+        // SAFETY: supported() holds.
+        assert!(
+            unsafe { x86::vector_registers_zero() },
+            "registers after apply_to"
+        );
+        assert!(out.iter().all(|&b| b == 0x3c));
+    }
 
     /// FIPS 197 Appendix A.3: the AES-256 expansion of 603deb10...14dff4 ends with the round
     /// key fe4890d1 e6188d0b 046df344 706c631e; and the inverse schedule is the reverse with
