@@ -520,8 +520,8 @@ mod tests {
         let x = VaesXts::new(&key).unwrap();
         let mut data = vec![0x3cu8; 8192];
         let k = &*x.keys;
-        // SAFETY: supported() holds; scratch is one slice, in place.
         let mut scratch = data.clone();
+        // SAFETY: supported() holds; scratch is one slice, in place.
         let zero_after_kernel = unsafe {
             let p = scratch.as_mut_ptr();
             x86::xts::<true>(&k.enc, &k.tweak, 9, 4096, p, p, 8192);
@@ -533,17 +533,13 @@ mod tests {
         );
         x.apply(true, 9, UnitSize::B4096, &mut data);
         // SAFETY: supported() holds.
-        assert!(
-            unsafe { x86::vector_registers_zero() },
-            "registers after apply"
-        );
+        let zero = unsafe { x86::vector_registers_zero() };
+        assert!(zero, "registers after apply");
         let mut out = vec![0u8; 8192];
         x.apply_to(false, 9, UnitSize::B4096, &data, &mut out);
         // SAFETY: supported() holds.
-        assert!(
-            unsafe { x86::vector_registers_zero() },
-            "registers after apply_to"
-        );
+        let zero = unsafe { x86::vector_registers_zero() };
+        assert!(zero, "registers after apply_to");
         assert!(out.iter().all(|&b| b == 0x3c));
     }
 
