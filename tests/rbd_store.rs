@@ -6,6 +6,7 @@
 #![cfg(feature = "rbd")]
 
 mod ceph_support;
+mod testdata;
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -29,17 +30,7 @@ fn dek(seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use testdata::pattern;
 
 /// Creates image `name` (just big enough) and a fresh volume of `size` bytes in it.
 fn create_volume(cluster: &Cluster, name: &str, size: u64, sector: u32) {

@@ -2,6 +2,8 @@
 //! concurrent sub-sector writers, holes, header copies and crash cuts, and the on-disk format
 //! read back by an independent XTS implementation (Python `cryptography`).
 
+mod testdata;
+
 use std::sync::Arc;
 
 use cryptvol::volume::header::{COPY_OFFSETS, HEADER_COPY_LEN};
@@ -32,17 +34,7 @@ fn mem_volume(size: u64, sector: u32) -> (Volume, Arc<MemStore>) {
     (v, store)
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use testdata::pattern;
 
 #[test]
 fn round_trips_and_rmw_edges_match_a_plain_model() {

@@ -6,6 +6,7 @@
 //! (`nbdcopy`, `qemu-io`), a truncated volume fails its own reads while the daemon serves on.
 
 mod common;
+mod testdata;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -25,15 +26,7 @@ fn key() -> XtsKey {
 }
 
 fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    testdata::pattern(len, seed)
 }
 
 fn shm() -> tempfile::TempDir {

@@ -5,6 +5,8 @@
 //! memory; and a snapshot's point in time (`quiesce`, what `volume snapshot create` takes)
 //! never splits a piecewise write.
 
+mod testdata;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -28,17 +30,7 @@ fn key() -> XtsKey {
     .unwrap()
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use testdata::pattern;
 
 /// A fresh volume of `size` bytes over `store`.
 fn volume(store: Box<dyn BlockStore>, size: u64, sector: u32) -> Volume {
