@@ -2,7 +2,8 @@
 //! files are mapped; reads decrypt straight from the mapping and match a model for both unit
 //! sizes, thin and encrypt-zeroes volumes, holes, trims and unaligned ranges; a file truncated
 //! under the mapping fails the read racing it with EIO instead of killing the process (a
-//! SIGBUS) and later reads behave as `pread` always did; through the daemon and real clients
+//! SIGBUS) and later reads behave as `pread` always did (a truncation found before the read,
+//! by `mincore`, reads as `pread` at once); through the daemon and real clients
 //! (`nbdcopy`, `qemu-io`), a truncated volume fails its own reads while the daemon serves on.
 
 mod common;
@@ -177,6 +178,26 @@ fn mapped_reads_match_a_model() {
     }
 }
 
+/// Without a remembered span a read first asks `mincore`: pages cut off are not resident, so
+/// the read takes `pread` (zeros past the end, as before the mapping) and no SIGBUS happens.
+#[test]
+fn a_truncation_seen_by_mincore_reads_as_pread() {
+    let d = shm();
+    let path = d.path().join("v.cvol");
+    let h = VolumeHeader::new(Uuid::new_v4(), 1 << 20, 4096, "k", 1, vec![1; 64]).unwrap();
+    Volume::create(&path, &h).unwrap();
+    let v = Volume::open(&path, key(), false).unwrap();
+    let data = noise(9, 1 << 20);
+    v.write(0, &data).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    v.read(0, &mut got).unwrap();
+    assert!(got == data);
+    file(&path).set_len(h.data_offset + 8192).unwrap();
+    v.read(0, &mut got).unwrap();
+    assert!(got[..8192] == data[..8192]);
+    assert!(got[8192..].iter().all(|&b| b == 0));
+}
+
 #[test]
 fn a_file_truncated_under_the_mapping_fails_the_racing_read_not_the_process() {
     let d = shm();
@@ -189,6 +210,9 @@ fn a_file_truncated_under_the_mapping_fails_the_racing_read_not_the_process() {
     let mut got = vec![0u8; 4 << 20];
     v.read(0, &mut got).unwrap();
     assert!(got == data);
+    // A BLOCK_STATUS: the store remembers the data span (`dataspan.rs`), so reads in it take
+    // the mapping without asking mincore.
+    assert_eq!(v.extents(0, 4 << 20).unwrap(), vec![(4 << 20, false)]);
     // Another process cuts the file to its headers and the first 64 KiB of data.
     let cut = h.data_offset + (64 << 10);
     file(&path).set_len(cut).unwrap();

@@ -8,6 +8,9 @@
 //! on an uncached page would block the thread that serves cached reads, and its read-around is
 //! not `pread`'s readahead: those keep `pread`.
 //!
+//! The mapping covers the file as it was at the first READ: a volume grown since reads its new
+//! range with `pread` until it is opened again.
+//!
 //! Why reads only: a WRITE through the mapping was measured too (issue 16: server CPU per GiB
 //! −20 %), but the cipher's stores into a mapped page can be cut short by a crash of the
 //! daemon (kill -9, the OOM killer, an abort): a unit half old and half new ciphertext decrypts
@@ -153,6 +156,38 @@ impl Mapping {
             faults,
             slot: self.slot,
         })
+    }
+
+    /// Whether every page of `[offset, offset + len)` is in memory (`mincore`). On tmpfs a
+    /// page that is not is a hole, which a read fault would allocate, or swapped out. One
+    /// system call over the range's page-cache entries (no walk beyond it, unlike
+    /// `SEEK_HOLE`); `false` for ranges of more than 512 pages (reads come in pieces of at
+    /// most 1 MiB).
+    pub(crate) fn resident(&self, offset: u64, len: usize) -> bool {
+        const MAX_PAGES: usize = 512;
+        let page = PAGE.load(Ordering::Relaxed) as u64;
+        let Some(end) = offset.checked_add(len as u64) else {
+            return false;
+        };
+        if len == 0 || end > self.valid.load(Ordering::Acquire) {
+            return false;
+        }
+        let start = offset / page * page;
+        let pages = (end - start).div_ceil(page) as usize;
+        if pages > MAX_PAGES {
+            return false;
+        }
+        let mut vec = [0u8; MAX_PAGES];
+        // SAFETY: [start, end) lies in our live mapping (end <= valid <= len) and `start` is
+        // page-aligned (the mapping's base is); `vec` has room for one byte per page.
+        let r = unsafe {
+            libc::mincore(
+                self.base.add(start as usize).cast(),
+                (end - start) as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        r == 0 && vec[..pages].iter().all(|v| v & 1 == 1)
     }
 
     /// The file is about to shrink to `len` bytes: no window reaches past it from now on.
@@ -334,6 +369,27 @@ mod tests {
         // The slot is reusable and a new mapping of the (shorter) file works.
         let m = Mapping::new(&f, 8192).expect("mapping again");
         m.window(0, 8192).unwrap().finish().unwrap();
+    }
+
+    #[test]
+    fn resident_tells_data_from_holes_without_allocating() {
+        let (_d, f) = shm_file(64 << 10).expect("/dev/shm is tmpfs");
+        f.set_len(1 << 20).unwrap();
+        let m = Mapping::new(&f, 1 << 20).expect("mapping");
+        assert!(m.resident(0, 64 << 10));
+        assert!(m.resident(100, 5000), "unaligned inside data");
+        assert!(!m.resident(60 << 10, 8192), "data then hole");
+        assert!(!m.resident(512 << 10, 4096), "hole");
+        assert!(!m.resident(0, 0) && !m.resident((1 << 20) - 1, 2) && !m.resident(u64::MAX, 1));
+        assert!(!m.resident(0, 4 << 20), "more pages than a piece");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            f.metadata().unwrap().blocks() * 512,
+            64 << 10,
+            "asking allocated nothing"
+        );
+        f.write_all_at(&[1u8; 4096], 512 << 10).unwrap();
+        assert!(m.resident(512 << 10, 4096), "written since");
     }
 
     #[test]

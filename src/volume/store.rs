@@ -323,16 +323,13 @@ impl BlockStore for FileStore {
             })
             .as_ref()?;
         // Data only: a read fault in a tmpfs hole allocates a page there (pread reads holes
-        // without), which would fill the file system with a sparse volume's zeros.
+        // without), which would fill the file system with a sparse volume's zeros. Inside
+        // the remembered data span, or every page resident (not SEEK_DATA/SEEK_HOLE: from
+        // inside a large extent SEEK_HOLE walks all of it, see `dataspan.rs`).
         let end = offset.checked_add(len as u64)?;
-        let data_end = match self.span.data_end(offset) {
-            Some(e) => e,
-            None => match self.allocation(offset, len as u64).ok()?.first() {
-                Some(&(l, false)) => offset + l,
-                _ => return None,
-            },
-        };
-        if data_end < end {
+        let data =
+            self.span.data_end(offset).is_some_and(|e| e >= end) || map.resident(offset, len);
+        if !data {
             return None;
         }
         map.window(offset, len)
