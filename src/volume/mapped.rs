@@ -1,6 +1,7 @@
 //! A read-only shared mapping of a volume file on tmpfs, so that a READ decrypts straight
 //! from the page cache into the reply: one pass over the data where `pread` + decrypt-in-place
-//! made two (the kernel's copy, then the cipher's); at most a `mincore` call where the data span is not known.
+//! made two (the kernel's copy, then the cipher's); at most a `mincore` call where the data
+//! span is not known.
 //!
 //! Why tmpfs only: there the page cache *is* the store, so a page fault never waits for a
 //! device, and [`BlockStore::read_at_nowait`](super::BlockStore::read_at_nowait) (which keeps
