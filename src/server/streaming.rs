@@ -33,6 +33,23 @@ pub(super) fn crowded() -> bool {
     crowded_with(STREAMING.load(Ordering::Relaxed), cpus())
 }
 
+/// Whether at least one connection per CPU streams (and two at the least): a connection whose
+/// write slots ([`super::threaded`]'s `write_parallelism`) are all busy then stores its next
+/// WRITE on its own thread instead of waiting for a slot. Waiting leaves a CPU idle when the
+/// other connections' writers are themselves waiting (for their slot, or for the file's inode
+/// lock, which every `pwrite` to the volume file takes): with 2 connections of 1 MiB QD8
+/// writes on 2 vCPUs the CPUs were 17 % idle (perf), and throughput 0.67–0.72× `nbdkit
+/// file`'s. Serving instead: 0.92× (2 connections), copy-in 0.78× → 0.93×
+/// (docs/benchmarks.md). Not with one connection: its thread would stop reading its socket
+/// while it stores (1 MiB writes, 1 connection: 1.11× → 0.93×).
+pub(super) fn shared() -> bool {
+    shared_with(STREAMING.load(Ordering::Relaxed), cpus())
+}
+
+fn shared_with(streaming: usize, cpus: usize) -> bool {
+    streaming >= cpus.max(2)
+}
+
 /// Two per CPU, not one: with one per CPU, a connection serving its own WRITEs leaves its
 /// socket unread while it encrypts and stores, and its client waits (measured on 2 vCPUs, 1 MiB
 /// writes on 2 connections: 30–45 % less throughput than with the hand-off, though 25 % less
@@ -110,5 +127,7 @@ mod tests {
         assert_eq!(get(), 0);
         assert!(crowded_with(4, 2) && crowded_with(5, 2) && crowded_with(2, 1));
         assert!(!crowded_with(3, 2) && !crowded_with(1, 1));
+        assert!(shared_with(2, 2) && shared_with(2, 1) && shared_with(8, 8));
+        assert!(!shared_with(1, 2) && !shared_with(1, 1) && !shared_with(7, 8));
     }
 }

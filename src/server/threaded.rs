@@ -656,8 +656,19 @@ fn serve_requests(
         let (cmd, payload) = if cpu_bound {
             // A WRITE while twice as many connections stream as there are CPUs: this thread
             // stores it itself (no hand-off, no wait for a write slot; see `streaming.rs`).
-            let crowded = matches!(cmd, Command::Write { .. }) && streaming::crowded();
+            let mut crowded = matches!(cmd, Command::Write { .. }) && streaming::crowded();
             let writer = match cmd {
+                // Its write slots busy while other connections stream too: this thread stores
+                // the WRITE itself rather than wait for a slot (`streaming::shared`).
+                Command::Write { .. } if !crowded && streaming::shared() => {
+                    match write_workers.clone().try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) => {
+                            crowded = true;
+                            None
+                        }
+                    }
+                }
                 Command::Write { .. } if !crowded => match acquire(&write_workers, 1) {
                     Some(p) => Some(p),
                     None => break Ok(()),
