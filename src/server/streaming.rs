@@ -38,10 +38,11 @@ pub(super) fn crowded() -> bool {
 /// WRITE on its own thread instead of waiting for a slot. Waiting leaves a CPU idle when the
 /// other connections' writers are themselves waiting (for their slot, or for the file's inode
 /// lock, which every `pwrite` to the volume file takes): with 2 connections of 1 MiB QD8
-/// writes on 2 vCPUs the CPUs were 17 % idle (perf), and throughput 0.67–0.72× `nbdkit
-/// file`'s. Serving instead: 0.92× (2 connections), copy-in 0.78× → 0.93×
-/// (docs/benchmarks.md). Not with one connection: its thread would stop reading its socket
-/// while it stores (1 MiB writes, 1 connection: 1.11× → 0.93×).
+/// writes on 2 vCPUs the CPUs were 17 % idle (perf), and throughput 0.67× `nbdkit file`'s.
+/// Serving instead: 0.89× with 2 connections, `nbdcopy IMAGE URI` 0.75× → 0.90×, 4
+/// connections 1.00× → 1.08× (docs/benchmarks.md). Not with one connection: its thread would
+/// stop reading its socket while it stores (a probe that served regardless took 1 MiB writes
+/// on 1 connection from 1.11× to 0.93×).
 pub(super) fn shared() -> bool {
     shared_with(STREAMING.load(Ordering::Relaxed), cpus())
 }

@@ -531,10 +531,6 @@ impl Volume {
         self.decrypt_units(k, unit_idx, s)
     }
 
-    /// Decrypts whole units in place. Thin (default): a unit stored as all zeros is a hole
-    /// and reads as zeros. Encrypt-zeroes: it reads as zeros only where the store has a hole
-    /// (never written, TRIM, WRITE_ZEROES); zero bytes written into allocated space are
-    /// decrypted like any other ciphertext (and so read as noise, not as chosen zeros).
     /// [`decrypt_units`](Self::decrypt_units) of a thin volume's ciphertext `src` into `out`
     /// (as long), in one pass: an all-zero unit reads as zeros.
     fn decrypt_units_from(
@@ -565,6 +561,10 @@ impl Volume {
         Ok(())
     }
 
+    /// Decrypts whole units in place. Thin (default): a unit stored as all zeros is a hole
+    /// and reads as zeros. Encrypt-zeroes: it reads as zeros only where the store has a hole
+    /// (never written, TRIM, WRITE_ZEROES); zero bytes written into allocated space are
+    /// decrypted like any other ciphertext (and so read as noise, not as chosen zeros).
     pub(super) fn decrypt_units(
         &self,
         keys: Keys<'_>,
