@@ -5,6 +5,8 @@
 //! comparison with an independent implementation (Python's `cryptography`, OpenSSL
 //! underneath).
 
+mod testdata;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -25,15 +27,7 @@ fn key(seed: u64) -> XtsKey {
 }
 
 fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    testdata::pattern(len, seed)
 }
 
 /// First unit numbers of a run: small ones, around 2^32 and up to the u64 wrap.

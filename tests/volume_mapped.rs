@@ -14,17 +14,10 @@ use std::path::Path;
 use std::process::Command;
 
 use cryptvol::volume::header::FLAG_ENCRYPT_ZEROES;
-use cryptvol::volume::{BlockStore, FileStore, Volume, VolumeHeader, XtsKey};
+use cryptvol::volume::{BlockStore, FileStore, Volume, VolumeHeader};
 use uuid::Uuid;
 
-fn key() -> XtsKey {
-    XtsKey::new(
-        &(0..64u8)
-            .map(|i| i.wrapping_mul(29) ^ 0x5c)
-            .collect::<Vec<_>>(),
-    )
-    .unwrap()
-}
+use testdata::key;
 
 fn noise(seed: u64, len: usize) -> Vec<u8> {
     testdata::pattern(len, seed)
@@ -32,6 +25,16 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 fn shm() -> tempfile::TempDir {
     tempfile::tempdir_in("/dev/shm").expect("/dev/shm")
+}
+
+/// A thin volume of `size` bytes (4 KiB units) on /dev/shm, open: (its dir, path, header).
+fn shm_volume(size: u64) -> (tempfile::TempDir, std::path::PathBuf, VolumeHeader, Volume) {
+    let d = shm();
+    let path = d.path().join("v.cvol");
+    let h = VolumeHeader::new(Uuid::new_v4(), size, 4096, "k", 1, vec![1; 64]).unwrap();
+    Volume::create(&path, &h).unwrap();
+    let v = Volume::open(&path, key(), false).unwrap();
+    (d, path, h, v)
 }
 
 fn file(p: &Path) -> std::fs::File {
@@ -79,11 +82,7 @@ fn tmpfs_files_are_mapped_and_disk_files_are_not() {
 /// mapping), and its data still reads back.
 #[test]
 fn reading_holes_allocates_nothing() {
-    let d = shm();
-    let path = d.path().join("v.cvol");
-    let h = VolumeHeader::new(Uuid::new_v4(), 32 << 20, 4096, "k", 1, vec![1; 64]).unwrap();
-    Volume::create(&path, &h).unwrap();
-    let v = Volume::open(&path, key(), false).unwrap();
+    let (_d, path, _h, v) = shm_volume(32 << 20);
     let data = noise(5, 1 << 20);
     v.write(8 << 20, &data).unwrap();
     let before = common::file_blocks(&path);
@@ -182,11 +181,7 @@ fn mapped_reads_match_a_model() {
 /// the read takes `pread` (zeros past the end, as before the mapping) and no SIGBUS happens.
 #[test]
 fn a_truncation_seen_by_mincore_reads_as_pread() {
-    let d = shm();
-    let path = d.path().join("v.cvol");
-    let h = VolumeHeader::new(Uuid::new_v4(), 1 << 20, 4096, "k", 1, vec![1; 64]).unwrap();
-    Volume::create(&path, &h).unwrap();
-    let v = Volume::open(&path, key(), false).unwrap();
+    let (_d, path, h, v) = shm_volume(1 << 20);
     let data = noise(9, 1 << 20);
     v.write(0, &data).unwrap();
     let mut got = vec![0u8; 1 << 20];
@@ -200,11 +195,7 @@ fn a_truncation_seen_by_mincore_reads_as_pread() {
 
 #[test]
 fn a_file_truncated_under_the_mapping_fails_the_racing_read_not_the_process() {
-    let d = shm();
-    let path = d.path().join("v.cvol");
-    let h = VolumeHeader::new(Uuid::new_v4(), 4 << 20, 4096, "k", 1, vec![1; 64]).unwrap();
-    Volume::create(&path, &h).unwrap();
-    let v = Volume::open(&path, key(), false).unwrap();
+    let (_d, path, h, v) = shm_volume(4 << 20);
     let data = noise(7, 4 << 20);
     v.write(0, &data).unwrap();
     let mut got = vec![0u8; 4 << 20];

@@ -10,9 +10,7 @@ mod testdata;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use cryptvol::volume::{
-    BlockStore, CipherBackend, FileStore, MemStore, Volume, VolumeHeader, XtsKey,
-};
+use cryptvol::volume::{BlockStore, CipherBackend, FileStore, MemStore, Volume, VolumeHeader};
 use uuid::Uuid;
 
 const KIB: u64 = 1024;
@@ -21,14 +19,7 @@ const MIB: u64 = 1 << 20;
 /// straddle it and its multiples either way).
 const PIECE: u64 = 128 * KIB;
 
-fn key() -> XtsKey {
-    XtsKey::new(
-        &(0..64u8)
-            .map(|i| i.wrapping_mul(29) ^ 0x5c)
-            .collect::<Vec<_>>(),
-    )
-    .unwrap()
-}
+use testdata::key;
 
 use testdata::pattern;
 

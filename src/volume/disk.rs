@@ -544,19 +544,12 @@ impl Volume {
         let u = self.unit as usize;
         let mut i = 0;
         while i < src.len() {
-            let start = i;
-            while i < src.len() && !is_zero(&src[i..i + u]) {
-                i += u;
+            let end = self.run_end(src, i, false);
+            if end > i {
+                keys.decrypt_to(first + (i / u) as u64, &src[i..end], &mut out[i..end]);
             }
-            if i > start {
-                let f = first + (start / u) as u64;
-                keys.decrypt_to(f, &src[start..i], &mut out[start..i]);
-            }
-            let start = i;
-            while i < src.len() && is_zero(&src[i..i + u]) {
-                i += u;
-            }
-            out[start..i].fill(0);
+            i = self.run_end(src, end, true);
+            out[end..i].fill(0);
         }
         Ok(())
     }
@@ -640,17 +633,23 @@ impl Volume {
         let u = self.unit as usize;
         let mut i = 0;
         while i < data.len() {
-            let start = i;
-            while i < data.len() && !is_zero(&data[i..i + u]) {
-                i += u;
+            let end = self.run_end(data, i, false);
+            if end > i {
+                f(first + (i / u) as u64, &mut data[i..end]);
             }
-            if i > start {
-                f(first + (start / u) as u64, &mut data[start..i]);
-            }
-            while i < data.len() && is_zero(&data[i..i + u]) {
-                i += u;
-            }
+            i = self.run_end(data, end, true);
         }
+    }
+
+    /// Where the run of whole units from byte `from` that are all zero (`zero`) or not ends:
+    /// the first unit of the other kind, or the end of `data`.
+    fn run_end(&self, data: &[u8], from: usize, zero: bool) -> usize {
+        let u = self.unit as usize;
+        let mut i = from;
+        while i < data.len() && is_zero(&data[i..i + u]) == zero {
+            i += u;
+        }
+        i
     }
 
     /// Runs `f` with every stripe lock held exclusively: no write is in flight and none
